@@ -1,0 +1,176 @@
+//! Numeric-core benchmarks, each next to the baseline it is reported against (BENCHMARKS.md):
+//! - one-label update vs one dense d×d matrix–vector product (its memory-bound floor);
+//! - greedy-dopt selection vs the single triangular solve that whitens the pool (its floor), and the paper's
+//!   dopt rule implemented naively (materialised candidate Fisher matrix) on the same candidates;
+//! - refit with n labels.
+//!
+//! Run: `cargo bench --bench core` (filter with e.g. `-- update`).
+
+use armd::candidates::{self, CandidateMode, CandidateOptions};
+use armd::posterior::{Posterior, RefitOptions};
+use armd::selection::{self, dopt, Round, SelectionInput, SelectionParams, StrategyKind};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use faer::Mat;
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use std::hint::black_box;
+use std::time::Duration;
+
+fn random_vec(d: usize, rng: &mut StdRng) -> Vec<f64> {
+    (0..d)
+        .map(|_| rng.random_range(-1.0..1.0) / (d as f64).sqrt())
+        .collect()
+}
+
+/// A posterior with `n` labels applied (non-trivial θ and H).
+fn trained(d: usize, n: usize, rng: &mut StdRng) -> Posterior {
+    let mut p = Posterior::new(d, 1.0).unwrap();
+    for _ in 0..n {
+        let v = random_vec(d, rng);
+        let y = if rng.random::<bool>() { 1.0 } else { 0.0 };
+        p.update(&v, y).unwrap();
+    }
+    p
+}
+
+fn bench_update(c: &mut Criterion) {
+    let mut g = c.benchmark_group("update");
+    g.measurement_time(Duration::from_secs(8));
+    for &d in &[768usize, 2048, 4096] {
+        let mut rng = StdRng::seed_from_u64(1);
+        let mut post = trained(d, 4, &mut rng);
+        let vs: Vec<Vec<f64>> = (0..64).map(|_| random_vec(d, &mut rng)).collect();
+        let mut i = 0;
+        g.bench_with_input(BenchmarkId::new("one_label", d), &d, |b, _| {
+            b.iter(|| {
+                i = (i + 1) % vs.len();
+                black_box(post.update(&vs[i], (i % 2) as f64).unwrap());
+            })
+        });
+        let a = Mat::<f64>::from_fn(d, d, |i, j| ((i * 31 + j * 17) % 97) as f64);
+        let x = faer::Col::<f64>::from_fn(d, |i| vs[0][i]);
+        g.bench_with_input(BenchmarkId::new("dense_matvec_baseline", d), &d, |b, _| {
+            b.iter(|| black_box(&a * &x))
+        });
+    }
+    g.finish();
+}
+
+struct Pool {
+    posterior: Posterior,
+    x: Mat<f64>,
+    pairs: Vec<candidates::Pair>,
+}
+
+fn pool(d: usize, n: usize, max_cross: usize, labels: usize) -> Pool {
+    let mut rng = StdRng::seed_from_u64(7);
+    let posterior = trained(d, labels, &mut rng);
+    let x = Mat::<f64>::from_fn(d, n, |_, _| rng.random_range(-1.0..1.0) / (d as f64).sqrt());
+    let prompts: Vec<u64> = (0..n as u64).map(|i| i / 10).collect();
+    let opts = CandidateOptions {
+        mode: CandidateMode::Cross,
+        max_cross_pairs: max_cross,
+        max_within_pairs: 0,
+    };
+    let pairs = candidates::generate(&prompts, &opts, &mut rng);
+    Pool {
+        posterior,
+        x,
+        pairs,
+    }
+}
+
+fn input(p: &Pool, k: usize) -> SelectionInput<'_> {
+    SelectionInput {
+        posterior: &p.posterior,
+        embeddings: p.x.as_ref(),
+        candidates: &p.pairs,
+        in_flight: &[],
+        k,
+    }
+}
+
+fn bench_selection(c: &mut Criterion) {
+    let d: usize = std::env::var("ARMD_BENCH_D")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2048);
+    let mut g = c.benchmark_group("selection");
+    g.sample_size(10);
+    g.measurement_time(Duration::from_secs(20));
+    let params = SelectionParams::default();
+    // Full size: N = 10,000 responses, ≥ 1M cross-prompt candidates, k = 256.
+    let big = pool(d, 10_000, 1_000_000, 16);
+    eprintln!("selection: d={d} N=10000 candidates={}", big.pairs.len());
+    g.bench_function(BenchmarkId::new("whiten_floor", d), |b| {
+        b.iter(|| {
+            black_box(armd::selection::scoring::whiten(
+                big.posterior.cholesky(),
+                big.x.as_ref(),
+            ))
+        })
+    });
+    g.bench_function(BenchmarkId::new("greedy_dopt_k256_1M", d), |b| {
+        b.iter(|| {
+            let mut rng = StdRng::seed_from_u64(0);
+            black_box(
+                selection::select(
+                    StrategyKind::GreedyDopt,
+                    input(&big, 256),
+                    &params,
+                    &mut rng,
+                )
+                .unwrap(),
+            )
+        })
+    });
+    g.bench_function(BenchmarkId::new("dopt_laplacian_k256_1M", d), |b| {
+        b.iter(|| {
+            let mut rng = StdRng::seed_from_u64(0);
+            black_box(
+                selection::select(StrategyKind::Dopt, input(&big, 256), &params, &mut rng).unwrap(),
+            )
+        })
+    });
+    drop(big);
+    // The naive paper rule cannot hold 1M difference vectors of d = 2048 in memory (16 GB); compare it on
+    // 50k candidates, where all three run, and report per-candidate cost.
+    let small = pool(d, 10_000, 50_000, 16);
+    g.bench_function(BenchmarkId::new("dopt_naive_k256_50k", d), |b| {
+        b.iter(|| {
+            let mut round = Round::new(input(&small, 256)).unwrap();
+            black_box(dopt::dopt_naive(&mut round, &params).unwrap())
+        })
+    });
+    g.bench_function(BenchmarkId::new("greedy_dopt_k256_50k", d), |b| {
+        b.iter(|| {
+            let mut rng = StdRng::seed_from_u64(0);
+            black_box(
+                selection::select(
+                    StrategyKind::GreedyDopt,
+                    input(&small, 256),
+                    &params,
+                    &mut rng,
+                )
+                .unwrap(),
+            )
+        })
+    });
+    g.finish();
+}
+
+fn bench_refit(c: &mut Criterion) {
+    let mut g = c.benchmark_group("refit");
+    g.sample_size(10);
+    g.measurement_time(Duration::from_secs(30));
+    for &d in &[768usize, 2048] {
+        let mut rng = StdRng::seed_from_u64(3);
+        let post = trained(d, 10_000, &mut rng);
+        g.bench_with_input(BenchmarkId::new("n10000", d), &d, |b, _| {
+            b.iter(|| black_box(post.refit_job().run(RefitOptions::default()).unwrap()))
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench_update, bench_selection, bench_refit);
+criterion_main!(benches);

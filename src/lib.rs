@@ -1,0 +1,19 @@
+//! armd — active reward modeling daemon.
+//!
+//! Layout (pure numeric core first, I/O at the edges):
+//! - [`posterior`]: Laplace posterior of a linear Bradley–Terry head (Cholesky factor of the precision,
+//!   exact one-label update, MAP refit, prequential scoring).
+//! - [`candidates`]: pairs of pooled responses to choose from (within-prompt, cross-prompt).
+//! - [`selection`]: the selection strategies (paper baselines, the paper's D-optimal rules, exact greedy).
+//! - [`evaluation`]: per-prompt Spearman and Best-of-N, the paper's metrics.
+//! - [`features`]: feature scaling (standardisation, L2 normalisation) frozen with the model.
+//!
+//! Nothing in these modules touches tokio, Kafka or JSON; the daemon and the simulator share them.
+
+pub mod candidates;
+pub mod error;
+pub mod linalg;
+pub mod posterior;
+pub mod selection;
+
+pub use error::CoreError;
