@@ -11,7 +11,9 @@
 //! Nothing in these modules touches tokio, Kafka or JSON; the daemon and the simulator share them.
 
 pub mod candidates;
+pub mod daemon;
 pub mod error;
+pub mod features;
 pub mod linalg;
 pub mod posterior;
 pub mod selection;
