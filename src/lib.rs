@@ -12,6 +12,8 @@
 
 pub mod candidates;
 pub mod error;
+pub mod evaluation;
+pub mod features;
 pub mod linalg;
 pub mod posterior;
 pub mod selection;
