@@ -591,11 +591,11 @@ impl Engine {
         {
             return Ok(false);
         }
-        let seq = request.sequence;
+        // Advance the sequence even if the pair cannot be rebuilt: the sequence number is used.
+        self.next_sequence = self.next_sequence.max(request.sequence.saturating_add(1));
         let f = self
             .in_flight_from_request(request)
             .map_err(|r| anyhow::anyhow!("recovered request: {r}"))?;
-        self.next_sequence = self.next_sequence.max(seq + 1);
         self.in_flight.insert(f.request.request_id.clone(), f);
         self.m.requests_recovered.increment(1);
         self.dirty = true;

@@ -309,8 +309,10 @@ pub fn init_logging(cfg: &LogConfig) -> anyhow::Result<()> {
         Ok(s) if !s.is_empty() => EnvFilter::try_new(s)?,
         _ => EnvFilter::try_new(&cfg.level)?,
     };
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let result = match cfg.format {
         LogFormat::Text => builder.try_init(),
