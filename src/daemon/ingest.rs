@@ -28,7 +28,10 @@ pub fn consumer(
     m: Arc<Metrics>,
 ) -> Result<BaseConsumer<Context>> {
     let mut c = client_config(cfg, "responses");
+    // Static membership: a restarted instance takes its partitions back at once instead of waiting for
+    // the crashed member's session to time out; two instances with the same id fence each other.
     c.set("group.id", &cfg.kafka.group_id)
+        .set("group.instance.id", &cfg.daemon.instance_id)
         .set("enable.auto.commit", "true")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest");
