@@ -39,6 +39,12 @@ pub enum Input {
     },
 }
 
+/// A checkpoint being written on its own thread.
+struct PendingWrite {
+    handle: std::thread::JoinHandle<Result<Duration>>,
+    label_offsets: Vec<(i32, i64)>,
+}
+
 pub struct Driver {
     pub cfg: Arc<Config>,
     pub engine: Engine,
@@ -47,10 +53,37 @@ pub struct Driver {
     pub labels: Arc<BaseConsumer<Context>>,
     pub metrics: Arc<Metrics>,
     pub stop: Arc<AtomicBool>,
+    /// When the last checkpoint was started (the cadence clock).
     pub last_checkpoint: Instant,
+    /// When the last checkpoint was durably written (the age gauge).
+    pub last_success: Instant,
+    writing: Option<PendingWrite>,
 }
 
 impl Driver {
+    pub fn new(
+        cfg: Arc<Config>,
+        engine: Engine,
+        rx: Receiver<Input>,
+        publisher: Arc<Publisher>,
+        labels: Arc<BaseConsumer<Context>>,
+        metrics: Arc<Metrics>,
+        stop: Arc<AtomicBool>,
+    ) -> Self {
+        Self {
+            cfg,
+            engine,
+            rx,
+            publisher,
+            labels,
+            metrics,
+            stop,
+            last_checkpoint: Instant::now(),
+            last_success: Instant::now(),
+            writing: None,
+        }
+    }
+
     /// Runs until the consumers are gone, then shuts down cleanly. Errors only when the final checkpoint
     /// cannot be written.
     pub fn run(mut self) -> Result<()> {
@@ -102,12 +135,13 @@ impl Driver {
             self.export(now);
         }
         self.publish_outputs();
-        if self.engine.checkpoint_due(self.last_checkpoint.elapsed()) {
-            let _ = self.checkpoint();
+        self.poll_write(false);
+        if self.writing.is_none() && self.engine.checkpoint_due(self.last_checkpoint.elapsed()) {
+            self.start_checkpoint();
         }
         self.metrics
             .checkpoint_age
-            .set(self.last_checkpoint.elapsed().as_secs_f64());
+            .set(self.last_success.elapsed().as_secs_f64());
     }
 
     fn export(&mut self, now: i64) {
@@ -151,36 +185,79 @@ impl Driver {
         }
     }
 
-    /// Writes a checkpoint now (synchronously, on this thread).
-    fn checkpoint(&mut self) -> Result<()> {
+    /// Snapshots the state and writes it on a background thread, so the engine keeps applying labels
+    /// while a large checkpoint (d² factor plus stored labels) goes to disk. One write at a time.
+    fn start_checkpoint(&mut self) {
         for (p, o) in self.publisher.delivered_requests() {
             self.engine.on_request_delivered(p, o);
         }
         let ck = self.engine.checkpoint(now_ms());
-        let started = Instant::now();
-        self.last_checkpoint = started;
-        match ck.write(&self.cfg.checkpoint.path) {
-            Ok(()) => {
-                self.metrics
-                    .checkpoint_duration
-                    .record(started.elapsed().as_secs_f64());
-                labels::commit_positions(
-                    &self.labels,
-                    &self.cfg.kafka.topics.labels,
-                    &ck.label_offsets,
-                    CommitMode::Async,
-                );
-                tracing::debug!(
-                    labels_applied = ck.posterior.labels_applied,
-                    in_flight = ck.in_flight.len(),
-                    "checkpoint written"
-                );
-                Ok(())
+        self.last_checkpoint = Instant::now();
+        let label_offsets = ck.label_offsets.clone();
+        let path = self.cfg.checkpoint.path.clone();
+        let spawned = std::thread::Builder::new()
+            .name("armd-checkpoint".into())
+            .spawn(move || {
+                let started = Instant::now();
+                ck.write(&path).map(|()| started.elapsed())
+            });
+        match spawned {
+            Ok(handle) => {
+                self.writing = Some(PendingWrite {
+                    handle,
+                    label_offsets,
+                })
             }
             Err(e) => {
                 self.metrics.checkpoint_failures.increment(1);
+                self.engine.mark_dirty();
+                tracing::error!(error = %e, "cannot start the checkpoint thread");
+            }
+        }
+    }
+
+    /// Collects a finished background write (with `wait`, waits for it).
+    fn poll_write(&mut self, wait: bool) {
+        let done = self
+            .writing
+            .as_ref()
+            .is_some_and(|w| wait || w.handle.is_finished());
+        if !done {
+            return;
+        }
+        let w = self.writing.take().expect("checked");
+        let result = w
+            .handle
+            .join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("checkpoint thread panicked")));
+        self.record_write(result, &w.label_offsets, CommitMode::Async);
+    }
+
+    fn record_write(
+        &mut self,
+        result: Result<Duration>,
+        offsets: &[(i32, i64)],
+        mode: CommitMode,
+    ) -> bool {
+        match result {
+            Ok(took) => {
+                self.metrics.checkpoint_duration.record(took.as_secs_f64());
+                self.last_success = Instant::now();
+                labels::commit_positions(
+                    &self.labels,
+                    &self.cfg.kafka.topics.labels,
+                    offsets,
+                    mode,
+                );
+                tracing::debug!(took_ms = took.as_millis() as u64, "checkpoint written");
+                true
+            }
+            Err(e) => {
+                self.metrics.checkpoint_failures.increment(1);
+                // Try again at the next cadence; the previous checkpoint stays valid meanwhile.
+                self.engine.mark_dirty();
                 tracing::error!(error = %format!("{e:#}"), "checkpoint failed; the previous one stays valid");
-                Err(e)
+                false
             }
         }
     }
@@ -196,19 +273,19 @@ impl Driver {
         if let Err(e) = self.publisher.flush(Duration::from_secs(10)) {
             tracing::warn!(error = %e, "not every message was delivered before shutdown");
         }
-        self.checkpoint()?;
-        let ck_offsets: Vec<(i32, i64)> = self
-            .engine
-            .label_offsets()
-            .iter()
-            .map(|(&p, &o)| (p, o))
-            .collect();
-        labels::commit_positions(
-            &self.labels,
-            &self.cfg.kafka.topics.labels,
-            &ck_offsets,
-            CommitMode::Sync,
-        );
+        self.poll_write(true);
+        for (p, o) in self.publisher.delivered_requests() {
+            self.engine.on_request_delivered(p, o);
+        }
+        let ck = self.engine.checkpoint(now_ms());
+        let started = Instant::now();
+        let result = ck
+            .write(&self.cfg.checkpoint.path)
+            .map(|()| started.elapsed());
+        let failure = result.as_ref().err().map(|e| format!("{e:#}"));
+        if !self.record_write(result, &ck.label_offsets, CommitMode::Sync) {
+            anyhow::bail!("final checkpoint failed: {}", failure.unwrap_or_default());
+        }
         tracing::info!(
             labels_applied = self.engine.posterior().labels_applied(),
             "engine stopped; final checkpoint written"

@@ -932,6 +932,11 @@ impl Engine {
         }
     }
 
+    /// Marks the state as changed so the time-based cadence writes it again (after a failed write).
+    pub fn mark_dirty(&mut self) {
+        self.dirty = true;
+    }
+
     pub fn export_due(&self) -> bool {
         (self.cfg.export.dir.is_some() || self.cfg.export.publish)
             && self.labels_since_export >= self.cfg.export.every_labels

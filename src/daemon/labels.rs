@@ -82,11 +82,18 @@ pub fn run(
     stop: Arc<AtomicBool>,
 ) {
     let decoder = Decoder::new(cfg.model.dim, cfg.pool.max_message_bytes);
+    let mut last_error_log = None;
     while !stop.load(Ordering::Relaxed) {
         let msg = match consumer.poll(Duration::from_millis(100)) {
             None => continue,
             Some(Err(e)) => {
-                tracing::warn!(error = %e, "labels consumer error");
+                // During an outage every poll reports the same error; log it at most every 10 s.
+                if last_error_log
+                    .is_none_or(|t: std::time::Instant| t.elapsed() >= Duration::from_secs(10))
+                {
+                    last_error_log = Some(std::time::Instant::now());
+                    tracing::warn!(error = %e, "labels consumer error (librdkafka keeps retrying)");
+                }
                 continue;
             }
             Some(Ok(msg)) => msg,

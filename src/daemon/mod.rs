@@ -57,7 +57,6 @@ use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::sync_channel;
 use std::sync::Arc;
-use std::time::Instant;
 
 use anyhow::{Context as _, Result};
 use tokio::net::TcpListener;
@@ -273,16 +272,7 @@ fn start(
             .context("cannot start the labels thread")?
     };
     Ok(Started {
-        driver: Driver {
-            cfg,
-            engine,
-            rx,
-            publisher,
-            labels: labels_consumer,
-            metrics,
-            stop,
-            last_checkpoint: Instant::now(),
-        },
+        driver: Driver::new(cfg, engine, rx, publisher, labels_consumer, metrics, stop),
         ingest,
         labels: labels_thread,
     })
