@@ -286,7 +286,16 @@ impl RefitJob {
                     },
                 });
             }
-            // Backtracking (Armijo) line search along the Newton direction −step.
+            // Near the mode (small decrement) the full Newton step is safe and converges quadratically,
+            // while f can no longer resolve the decrease in floating point: take it unconditionally.
+            if decrement < 1e-6 {
+                theta.iter_mut().zip(&step).for_each(|(a, s)| *a -= s);
+                margins = margins_of(&theta);
+                f = objective(&theta, &margins);
+                iterations += 1;
+                continue;
+            }
+            // Otherwise backtracking (Armijo) line search along the Newton direction −step.
             let mut t = 1.0;
             loop {
                 let cand: Vec<f64> = theta.iter().zip(&step).map(|(a, s)| a - t * s).collect();
