@@ -9,8 +9,11 @@
 //! - [`features`]: feature scaling (standardisation, L2 normalisation) frozen with the model.
 //!
 //! Nothing in these modules touches tokio, Kafka or JSON; the daemon and the simulator share them.
+//!
+//! - [`daemon`]: `armd run`, the Kafka daemon (messages, config, checkpoint, engine, Kafka I/O, HTTP).
 
 pub mod candidates;
+pub mod daemon;
 pub mod error;
 pub mod evaluation;
 pub mod features;

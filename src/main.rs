@@ -1,3 +1,79 @@
-fn main() {
-    println!("Hello, world!");
+//! The `armd` command line: parses flags, sets up logging and hands over to a module's `run`.
+//! Each subcommand is one variant of [`Command`] with its own argument struct, so adding one means adding
+//! a variant and a match arm.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use armd::daemon::{self, config::Config, telemetry};
+
+/// Active reward modeling daemon: D-optimal preference-pair selection for Bradley–Terry reward heads
+/// over Kafka.
+#[derive(Parser, Debug)]
+#[command(name = "armd", version, about, long_about = None, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the daemon: consume responses and labels, publish comparison requests and model snapshots.
+    ///
+    /// Stops gracefully on SIGTERM or SIGINT (finishes the round, writes a checkpoint, exits 0).
+    Run(RunArgs),
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// Configuration file (TOML). Every key can be overridden with ARMD__SECTION__KEY environment
+    /// variables, e.g. ARMD__KAFKA__BROKERS=host:9092. See config/armd.toml for all keys.
+    #[arg(long, short, value_name = "PATH", env = "ARMD_CONFIG")]
+    config: PathBuf,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("armd: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: RunArgs) -> Result<()> {
+    let cfg = Config::load(&args.config)?;
+    telemetry::init_logging(&cfg.log)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("armd-io")
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(daemon::run(cfg, shutdown_signal()))
+}
+
+/// Resolves on the first SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot install the SIGTERM handler; only Ctrl-C stops armd");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
 }

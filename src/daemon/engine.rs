@@ -1,0 +1,1042 @@
+//! The engine: the one owner of model state. It runs on its own std thread (see `daemon::run`), never
+//! on the async runtime, and is driven by plain method calls, so every rule below is unit-tested
+//! without Kafka.
+//!
+//! - **Pool** ([`super::pool`]): validated responses; before the scaler is frozen they also feed the
+//!   scaler's warm-up statistics.
+//! - **Selection rounds** ([`Engine::run_round`]): when the scaler is frozen, the in-flight budget
+//!   (`max_in_flight`) has room, the pool holds `min_pool` responses and `round_interval_ms` passed since
+//!   the last round. Picks up to `min(batch_size, free budget)` pairs with the configured strategy
+//!   (`greedy-dopt` conditions on the in-flight pairs as already picked), issues one request per pick and
+//!   takes the used responses out of the pool (`pool.max_uses`).
+//! - **Request ids**: `<instance>-<sequence>-<hash(instance, sequence, response ids)>`. The sequence is
+//!   checkpointed and recovered from the requests topic, and the hash covers the pair, so an id never
+//!   names two different pairs.
+//! - **Label join** ([`Engine::on_label`]): a label is applied when its request is known, the label's
+//!   Kafka timestamp is not after the request's expiry, and its annotator has not labelled that request
+//!   yet; the request closes after `labels_per_request` labels. Deciding expiry by the label's own
+//!   timestamp (not the wall clock at processing) makes the decision identical when labels are replayed
+//!   after a crash. Unknown, expired and duplicate labels are dead-lettered with their reason.
+//! - **Expiry** ([`Engine::expire`]): at `expires_at` a request stops counting against the budget and its
+//!   responses go back to the pool (if still within the pool TTL); it stays joinable for
+//!   `expiry_grace_secs` for labels timestamped before the expiry that are consumed late, then its id is
+//!   remembered in a bounded closed set.
+//! - **Refit**: every `refit_every` applied labels (a deterministic point) a [`RefitJob`] snapshot runs on
+//!   its own thread; [`Engine::poll_refit`] installs it, re-applying newer labels on top. The result does
+//!   not depend on *when* it is installed (the same labels are re-applied in the same order), so a replay
+//!   of the same labels reproduces the posterior. A second refit waits for the first. When the label store
+//!   exceeds `max_labels` it is consolidated into the prior (after any pending refit).
+//! - **Checkpoint and export state** ([`Engine::checkpoint`], [`Engine::export`]).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use faer::Mat;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use serde_json::Value;
+
+use super::checkpoint::{Checkpoint, Closed, InFlightState, ScalerState};
+use super::config::Config;
+use super::messages::{
+    self, encode_f32_b64, parse_request_id, DeadLetter, LabelMsg, LabelRequest, ModelSnapshot,
+    PrequentialSummary, Reason, Rejection, RequestSide, Response, SourcePosition, MODEL_SCHEMA,
+    REQUEST_SCHEMA,
+};
+use super::pool::{Evicted, Pool, PoolEntry};
+use super::telemetry::Metrics;
+use crate::candidates::{self, CandidateOptions};
+use crate::error::CoreError;
+use crate::features::Scaler;
+use crate::posterior::{Posterior, PosteriorParts, RefitOptions, RefitOutcome};
+use crate::selection::{self, SelectionInput};
+
+/// Something the engine wants published.
+#[derive(Clone, Debug)]
+pub enum Output {
+    /// A label request; key it by request id.
+    Request(Box<LabelRequest>),
+    DeadLetter(Box<DeadLetter>),
+    Model(Box<ModelSnapshot>),
+}
+
+/// What happened to one label message.
+#[derive(Clone, Debug, PartialEq)]
+pub enum LabelOutcome {
+    /// Applied to the posterior; `closed` when the request now has all its labels.
+    Applied {
+        request_id: String,
+        closed: bool,
+    },
+    /// For a request of another instance: skipped, not dead-lettered.
+    Foreign,
+    Rejected(Reason),
+}
+
+/// An issued request that may still receive labels.
+#[derive(Clone, Debug)]
+struct InFlight {
+    request: LabelRequest,
+    /// Scaled difference `x_a − x_b`.
+    v: Vec<f64>,
+    raw_a: Vec<f32>,
+    raw_b: Vec<f32>,
+    labels_received: u32,
+    annotators: Vec<String>,
+    /// Past `expires_at`: no longer counted against the budget, kept for late labels until the grace ends.
+    lapsed: bool,
+}
+
+/// Bounded memory of closed request ids.
+#[derive(Debug, Default)]
+struct ClosedSet {
+    capacity: usize,
+    order: VecDeque<String>,
+    why: HashMap<String, Closed>,
+}
+
+impl ClosedSet {
+    fn insert(&mut self, id: String, why: Closed) {
+        if self.why.insert(id.clone(), why).is_none() {
+            self.order.push_back(id);
+        }
+        while self.order.len() > self.capacity {
+            if let Some(old) = self.order.pop_front() {
+                self.why.remove(&old);
+            }
+        }
+    }
+    fn get(&self, id: &str) -> Option<Closed> {
+        self.why.get(id).copied()
+    }
+}
+
+struct PendingRefit {
+    /// Label-store length at the snapshot.
+    at: usize,
+    started: Instant,
+    rx: mpsc::Receiver<std::result::Result<RefitOutcome, CoreError>>,
+}
+
+/// The daemon's model state and the rules that change it. See the module doc.
+pub struct Engine {
+    cfg: Arc<Config>,
+    m: Arc<Metrics>,
+    posterior: Posterior,
+    scaler: Scaler,
+    pool: Pool,
+    in_flight: BTreeMap<String, InFlight>,
+    closed: ClosedSet,
+    next_sequence: u64,
+    label_offsets: BTreeMap<i32, i64>,
+    request_scan_from: BTreeMap<i32, i64>,
+    refit: Option<PendingRefit>,
+    rng: StdRng,
+    outbox: Vec<Output>,
+    last_round_ms: Option<i64>,
+    labels_since_checkpoint: u64,
+    labels_since_export: u64,
+    dirty: bool,
+    checkpoint_now: bool,
+}
+
+fn now_instant() -> Instant {
+    Instant::now()
+}
+
+impl Engine {
+    /// A fresh engine, or one restored from `checkpoint` (validated against the configuration).
+    pub fn new(cfg: Arc<Config>, m: Arc<Metrics>, checkpoint: Option<Checkpoint>) -> Result<Self> {
+        let d = cfg.model.dim;
+        let mut engine = Engine {
+            posterior: Posterior::new(d, cfg.model.prior_precision)?,
+            scaler: Scaler::new(cfg.model.scaling, d)?,
+            pool: Pool::new(
+                cfg.pool.capacity,
+                cfg.pool.ttl.as_millis().min(i64::MAX as u128) as i64,
+            ),
+            in_flight: BTreeMap::new(),
+            closed: ClosedSet {
+                capacity: cfg.selection.closed_history,
+                ..Default::default()
+            },
+            next_sequence: 0,
+            label_offsets: BTreeMap::new(),
+            request_scan_from: BTreeMap::new(),
+            refit: None,
+            rng: StdRng::seed_from_u64(cfg.selection.seed),
+            outbox: Vec::new(),
+            last_round_ms: None,
+            labels_since_checkpoint: 0,
+            labels_since_export: 0,
+            dirty: false,
+            checkpoint_now: false,
+            cfg,
+            m,
+        };
+        if let Some(c) = checkpoint {
+            engine.restore(c)?;
+        }
+        engine.update_gauges();
+        Ok(engine)
+    }
+
+    fn restore(&mut self, c: Checkpoint) -> Result<()> {
+        let d = self.cfg.model.dim;
+        if c.dim() != d {
+            bail!(
+                "checkpoint has dimension {}, but model.dim is {d} (a model cannot change dimension)",
+                c.dim()
+            );
+        }
+        if c.instance_id != self.cfg.daemon.instance_id {
+            bail!(
+                "checkpoint belongs to instance {:?}, but daemon.instance_id is {:?} (each instance needs its own checkpoint.path)",
+                c.instance_id,
+                self.cfg.daemon.instance_id
+            );
+        }
+        if let Some(s) = &c.scaler {
+            if s.scaling != self.cfg.model.scaling {
+                bail!(
+                    "checkpoint's model was fitted with scaling {:?}, but model.scaling is {:?}",
+                    s.scaling.name(),
+                    self.cfg.model.scaling.name()
+                );
+            }
+            self.scaler = Scaler::from_parts(s.mean.clone(), s.inv_std.clone(), s.scaling)
+                .context("checkpoint scaler")?;
+        }
+        let pending = c.pending_refit;
+        let parts = c.posterior;
+        self.posterior = Posterior::from_parts(parts.clone()).context("checkpoint posterior")?;
+        self.next_sequence = c.next_sequence;
+        self.rng = StdRng::seed_from_u64(self.cfg.selection.seed ^ c.next_sequence.rotate_left(32));
+        self.label_offsets = c.label_offsets.into_iter().collect();
+        self.request_scan_from = c.request_scan_from.into_iter().collect();
+        for (id, why) in c.closed {
+            self.closed.insert(id, why);
+        }
+        for s in c.in_flight {
+            let request: LabelRequest = serde_json::from_str(&s.request_json)
+                .context("checkpoint in-flight request is not a valid armd.request.v1")?;
+            let mut f = self
+                .in_flight_from_request(request)
+                .map_err(|r| anyhow::anyhow!("checkpoint in-flight request: {r}"))?;
+            f.labels_received = s.labels_received;
+            f.annotators = s.annotators;
+            self.in_flight.insert(f.request.request_id.clone(), f);
+        }
+        if let Some(at) = pending {
+            let at = usize::try_from(at).unwrap_or(usize::MAX);
+            if at > parts.labels.len() {
+                bail!(
+                    "checkpoint's pending refit covers {at} labels but only {} are stored",
+                    parts.labels.len()
+                );
+            }
+            // Re-run the refit that was in progress, on the same labels (the result is the unique MAP).
+            let mut snap = parts;
+            snap.labels.truncate(at);
+            snap.weights.truncate(at);
+            let job = Posterior::from_parts(snap)
+                .context("checkpoint posterior (refit snapshot)")?
+                .refit_job();
+            self.spawn_refit(job, at);
+        }
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------------------------------------
+    // Accessors
+
+    pub fn posterior(&self) -> &Posterior {
+        &self.posterior
+    }
+    pub fn scaler(&self) -> &Scaler {
+        &self.scaler
+    }
+    pub fn pool_len(&self) -> usize {
+        self.pool.len()
+    }
+    /// Requests that count against the budget (not lapsed).
+    pub fn active_in_flight(&self) -> usize {
+        self.in_flight.values().filter(|f| !f.lapsed).count()
+    }
+    /// Every request still joinable (including lapsed ones in their grace period).
+    pub fn in_flight_ids(&self) -> Vec<String> {
+        self.in_flight.keys().cloned().collect()
+    }
+    pub fn next_sequence(&self) -> u64 {
+        self.next_sequence
+    }
+    pub fn label_offsets(&self) -> &BTreeMap<i32, i64> {
+        &self.label_offsets
+    }
+    pub fn request_scan_from(&self) -> &BTreeMap<i32, i64> {
+        &self.request_scan_from
+    }
+    pub fn refit_pending(&self) -> bool {
+        self.refit.is_some()
+    }
+    /// Drains what the engine wants published.
+    pub fn take_outputs(&mut self) -> Vec<Output> {
+        std::mem::take(&mut self.outbox)
+    }
+
+    // ---------------------------------------------------------------------------------------------
+    // Responses
+
+    /// Adds a validated response to the pool (feeding the scaler's warm-up first). Returns whether it was
+    /// pooled (false for a duplicate).
+    pub fn on_response(&mut self, r: Response, now_ms: i64) -> bool {
+        self.m.responses_accepted.increment(1);
+        if self.pool.contains(&r.prompt_id, &r.response_id) {
+            self.m.responses_duplicate.increment(1);
+            return false;
+        }
+        let mut froze = false;
+        if !self.scaler.is_frozen() {
+            if let Err(e) = self.scaler.observe(&r.embedding) {
+                // Cannot happen for a decoded response (dimension and finiteness are checked); keep going.
+                tracing::warn!(error = %e, "warm-up sample rejected by the scaler");
+            }
+            self.m
+                .scaler_warmup_samples
+                .set(self.scaler.samples() as f64);
+            if self.scaler.samples() >= self.cfg.model.warmup_samples {
+                match self.scaler.freeze() {
+                    Ok(()) => froze = true,
+                    Err(e) => tracing::warn!(error = %e, "cannot freeze the scaler yet"),
+                }
+            }
+        }
+        let scaled = if self.scaler.is_frozen() {
+            self.scaler.transform_vec(&r.embedding).ok()
+        } else {
+            None
+        };
+        let entry = PoolEntry {
+            prompt_id: r.prompt_id.into(),
+            response_id: r.response_id.into(),
+            raw: r.embedding,
+            scaled,
+            metadata: r.metadata,
+            arrived_ms: now_ms,
+            uses: 0,
+        };
+        let mut ev = Evicted::default();
+        let pooled = self.pool.insert(entry, &mut ev);
+        self.count_evictions(ev);
+        if froze {
+            self.on_scaler_frozen();
+        }
+        self.m.pool_responses.set(self.pool.len() as f64);
+        pooled
+    }
+
+    fn on_scaler_frozen(&mut self) {
+        tracing::info!(
+            samples = self.scaler.samples(),
+            scaling = %self.scaler.scaling(),
+            "feature scaler frozen; selection can start"
+        );
+        let scaler = &self.scaler;
+        for e in self.pool.iter_mut() {
+            e.scaled = scaler.transform_vec(&e.raw).ok();
+        }
+        self.m.scaler_frozen.set(1.0);
+        // The scaler is part of the model: persist it before any request depends on it.
+        self.dirty = true;
+        self.checkpoint_now = true;
+    }
+
+    fn count_evictions(&self, ev: Evicted) {
+        self.m.pool_evicted_capacity.increment(ev.capacity);
+        self.m.pool_evicted_ttl.increment(ev.ttl);
+    }
+
+    // ---------------------------------------------------------------------------------------------
+    // Selection
+
+    /// Whether a round should run now (see the module doc).
+    pub fn round_due(&self, now_ms: i64) -> bool {
+        let s = &self.cfg.selection;
+        self.scaler.is_frozen()
+            && self.active_in_flight() < s.max_in_flight
+            && self.pool.len() >= s.min_pool
+            && self
+                .last_round_ms
+                .is_none_or(|t| now_ms - t >= s.round_interval.as_millis() as i64)
+    }
+
+    /// Runs one selection round if one is due; returns the number of requests issued (also queued as
+    /// [`Output::Request`]).
+    pub fn maybe_round(&mut self, now_ms: i64) -> usize {
+        let mut ev = Evicted::default();
+        self.pool.purge_expired(now_ms, &mut ev);
+        self.count_evictions(ev);
+        if !self.round_due(now_ms) {
+            return 0;
+        }
+        self.last_round_ms = Some(now_ms);
+        match self.run_round(now_ms) {
+            Ok(n) => n,
+            Err(e) => {
+                self.m.selection_errors.increment(1);
+                tracing::error!(error = %e, "selection round failed");
+                0
+            }
+        }
+    }
+
+    /// One selection round, unconditionally (the caller checked [`Self::round_due`]).
+    pub fn run_round(&mut self, now_ms: i64) -> Result<usize> {
+        let started = Instant::now();
+        let s = &self.cfg.selection;
+        let k = s
+            .batch_size
+            .min(s.max_in_flight.saturating_sub(self.active_in_flight()));
+        if k == 0 {
+            return Ok(0);
+        }
+        let d = self.cfg.model.dim;
+        let slots: Vec<(u64, &PoolEntry)> = self
+            .pool
+            .iter()
+            .filter(|(_, e)| e.scaled.is_some())
+            .collect();
+        if slots.len() < 2 {
+            return Ok(0);
+        }
+        let n = slots.len();
+        let x = Mat::<f64>::from_fn(d, n, |i, j| {
+            slots[j].1.scaled.as_ref().expect("filtered")[i]
+        });
+        let mut prompt_ids: HashMap<&str, u64> = HashMap::new();
+        let prompts: Vec<u64> = slots
+            .iter()
+            .map(|(_, e)| {
+                let next = prompt_ids.len() as u64;
+                *prompt_ids.entry(&e.prompt_id).or_insert(next)
+            })
+            .collect();
+        let opts = CandidateOptions {
+            mode: s.candidates,
+            max_cross_pairs: s.max_cross_pairs,
+            max_within_pairs: s.max_within_pairs,
+        };
+        let pairs = candidates::generate(&prompts, &opts, &mut self.rng);
+        self.m.candidate_pairs_scored.increment(pairs.len() as u64);
+        self.m.selection_rounds.increment(1);
+        if pairs.is_empty() {
+            return Ok(0);
+        }
+        let in_flight: Vec<Vec<f64>> = self
+            .in_flight
+            .values()
+            .filter(|f| !f.lapsed)
+            .map(|f| f.v.clone())
+            .collect();
+        let input = SelectionInput {
+            posterior: &self.posterior,
+            embeddings: x.as_ref(),
+            candidates: &pairs,
+            in_flight: &in_flight,
+            k,
+        };
+        let picks = selection::select(s.strategy, input, &s.params, &mut self.rng)?;
+        let slot_ids: Vec<u64> = slots.iter().map(|(s, _)| *s).collect();
+        drop(slots);
+        let mut issued = 0;
+        let mut gain = 0.0;
+        let mut used: HashMap<u64, u32> = HashMap::new();
+        for pick in picks {
+            let (sa, sb) = (
+                slot_ids[pick.pair.a as usize],
+                slot_ids[pick.pair.b as usize],
+            );
+            // A response may already be used up by an earlier pick of this batch.
+            let max_uses = self.cfg.pool.max_uses;
+            let usable = |slot: u64, pool: &Pool, used: &HashMap<u64, u32>| {
+                pool.get(slot)
+                    .is_some_and(|e| e.uses + used.get(&slot).copied().unwrap_or(0) < max_uses)
+            };
+            if !usable(sa, &self.pool, &used) || !usable(sb, &self.pool, &used) {
+                continue;
+            }
+            *used.entry(sa).or_default() += 1;
+            *used.entry(sb).or_default() += 1;
+            let req = self.issue(sa, sb, pick.score, pick.prediction.p, now_ms)?;
+            gain += pick.score;
+            issued += 1;
+            self.outbox.push(Output::Request(Box::new(req)));
+        }
+        for (slot, u) in used {
+            if let Some(e) = self.pool.get_mut(slot) {
+                e.uses += u;
+                if e.uses >= self.cfg.pool.max_uses {
+                    self.pool.remove(slot);
+                }
+            }
+        }
+        self.m.requests_emitted.increment(issued as u64);
+        self.m.selection_batch_gain.set(gain);
+        self.m
+            .selection_duration
+            .record(started.elapsed().as_secs_f64());
+        self.dirty |= issued > 0;
+        self.update_gauges();
+        Ok(issued)
+    }
+
+    /// Creates the request for pool slots `sa`, `sb` and registers it in flight.
+    fn issue(&mut self, sa: u64, sb: u64, gain: f64, p: f64, now_ms: i64) -> Result<LabelRequest> {
+        let find = |slot| {
+            self.pool
+                .get(slot)
+                .cloned()
+                .ok_or_else(|| anyhow::anyhow!("pool slot {slot} vanished"))
+        };
+        let (a, b) = (find(sa)?, find(sb)?);
+        let seq = self.next_sequence;
+        self.next_sequence += 1;
+        let instance = &self.cfg.daemon.instance_id;
+        let side = |e: &PoolEntry| RequestSide {
+            prompt_id: e.prompt_id.to_string(),
+            response_id: e.response_id.to_string(),
+            metadata: e.metadata.clone(),
+            embedding_b64: encode_f32_b64(&e.raw),
+        };
+        let ttl = self.cfg.selection.request_ttl.as_millis() as i64;
+        let request = LabelRequest {
+            schema: REQUEST_SCHEMA.to_string(),
+            request_id: messages::request_id(instance, seq, &a.response_id, &b.response_id),
+            instance_id: instance.clone(),
+            sequence: seq,
+            a: side(&a),
+            b: side(&b),
+            strategy: self.cfg.selection.strategy.name().to_string(),
+            gain,
+            predicted_p: p,
+            model_version: self.posterior.version(),
+            labels_wanted: self.cfg.selection.labels_per_request,
+            issued_at_ms: now_ms,
+            expires_at_ms: now_ms.saturating_add(ttl),
+        };
+        let (va, vb) = (a.scaled.expect("scaled"), b.scaled.expect("scaled"));
+        let v = va.iter().zip(&vb).map(|(x, y)| x - y).collect();
+        self.in_flight.insert(
+            request.request_id.clone(),
+            InFlight {
+                request: request.clone(),
+                v,
+                raw_a: a.raw,
+                raw_b: b.raw,
+                labels_received: 0,
+                annotators: Vec::new(),
+                lapsed: false,
+            },
+        );
+        Ok(request)
+    }
+
+    /// Rebuilds an in-flight entry from a request message (checkpoint or requests topic).
+    fn in_flight_from_request(
+        &self,
+        request: LabelRequest,
+    ) -> std::result::Result<InFlight, Rejection> {
+        if !self.scaler.is_frozen() {
+            return Err(Rejection::new(
+                Reason::InvalidValue,
+                "request found but the feature scaler is not frozen (the checkpoint predates it)",
+            ));
+        }
+        let d = self.cfg.model.dim;
+        let raw_a = messages::decode_f32_b64("a.embedding_b64", &request.a.embedding_b64)?;
+        let raw_b = messages::decode_f32_b64("b.embedding_b64", &request.b.embedding_b64)?;
+        if raw_a.len() != d || raw_b.len() != d {
+            return Err(Rejection::new(
+                Reason::WrongDimension,
+                format!(
+                    "request embeddings have {}/{} values, model.dim is {d}",
+                    raw_a.len(),
+                    raw_b.len()
+                ),
+            ));
+        }
+        let bad = |e: CoreError| Rejection::new(Reason::NonFinite, e.to_string());
+        let va = self.scaler.transform_vec(&raw_a).map_err(bad)?;
+        let vb = self.scaler.transform_vec(&raw_b).map_err(bad)?;
+        Ok(InFlight {
+            v: va.iter().zip(&vb).map(|(x, y)| x - y).collect(),
+            raw_a,
+            raw_b,
+            labels_received: 0,
+            annotators: Vec::new(),
+            lapsed: false,
+            request,
+        })
+    }
+
+    /// Start-up recovery: registers a request read back from the requests topic. Requests of other
+    /// instances, already known ones and closed ones are ignored. Returns whether it was added.
+    pub fn recover_request(&mut self, request: LabelRequest) -> Result<bool> {
+        if request.instance_id != self.cfg.daemon.instance_id
+            || self.in_flight.contains_key(&request.request_id)
+            || self.closed.get(&request.request_id).is_some()
+        {
+            return Ok(false);
+        }
+        // Advance the sequence even if the pair cannot be rebuilt: the sequence number is used.
+        self.next_sequence = self.next_sequence.max(request.sequence.saturating_add(1));
+        let f = self
+            .in_flight_from_request(request)
+            .map_err(|r| anyhow::anyhow!("recovered request: {r}"))?;
+        self.in_flight.insert(f.request.request_id.clone(), f);
+        self.m.requests_recovered.increment(1);
+        self.dirty = true;
+        self.update_gauges();
+        Ok(true)
+    }
+
+    /// Records that a request was delivered at `offset` of requests-topic `partition`: a restart only needs
+    /// to scan that partition after it.
+    pub fn on_request_delivered(&mut self, partition: i32, offset: i64) {
+        let e = self.request_scan_from.entry(partition).or_insert(0);
+        *e = (*e).max(offset + 1);
+    }
+
+    /// Sets the scan start of a requests-topic partition (after start-up recovery read up to `offset`).
+    pub fn set_request_scan_from(&mut self, partition: i32, offset: i64) {
+        self.request_scan_from.insert(partition, offset);
+    }
+
+    /// Sets the next offset of a labels partition that the checkpoint does not know yet.
+    pub fn init_label_offset(&mut self, partition: i32, offset: i64) {
+        self.label_offsets.entry(partition).or_insert(offset);
+    }
+
+    // ---------------------------------------------------------------------------------------------
+    // Expiry
+
+    /// Lapses requests past their TTL (their responses return to the pool) and forgets lapsed ones past
+    /// the grace period.
+    pub fn expire(&mut self, now_ms: i64) {
+        let grace = self.cfg.selection.expiry_grace.as_millis() as i64;
+        let mut reoffer = Vec::new();
+        let mut forget = Vec::new();
+        for (id, f) in &mut self.in_flight {
+            if !f.lapsed && now_ms >= f.request.expires_at_ms {
+                f.lapsed = true;
+                self.m.requests_expired.increment(1);
+                reoffer.push(id.clone());
+            }
+            if f.lapsed && now_ms >= f.request.expires_at_ms.saturating_add(grace) {
+                forget.push(id.clone());
+            }
+        }
+        for id in &reoffer {
+            let f = &self.in_flight[id];
+            let back =
+                [(&f.request.a, &f.raw_a), (&f.request.b, &f.raw_b)].map(|(side, raw)| PoolEntry {
+                    prompt_id: side.prompt_id.as_str().into(),
+                    response_id: side.response_id.as_str().into(),
+                    raw: raw.clone(),
+                    scaled: self.scaler.transform_vec(raw).ok(),
+                    metadata: side.metadata.clone(),
+                    arrived_ms: f.request.issued_at_ms,
+                    uses: 0,
+                });
+            for e in back {
+                if self.pool.is_fresh(e.arrived_ms, now_ms) {
+                    let mut ev = Evicted::default();
+                    self.pool.insert(e, &mut ev);
+                    self.count_evictions(ev);
+                }
+            }
+        }
+        for id in forget {
+            self.in_flight.remove(&id);
+            self.closed.insert(id, Closed::Expired);
+        }
+        if !reoffer.is_empty() {
+            self.dirty = true;
+            self.update_gauges();
+        }
+    }
+
+    // ---------------------------------------------------------------------------------------------
+    // Labels
+
+    /// Handles one message of the labels topic at `pos`, already decoded (or rejected by the decoder).
+    /// `timestamp_ms` is the Kafka message timestamp, used for the expiry decision. Rejections are queued
+    /// as dead letters with `payload`. The partition's next offset advances in every case.
+    pub fn on_label(
+        &mut self,
+        decoded: std::result::Result<LabelMsg, Rejection>,
+        payload: Option<&[u8]>,
+        pos: SourcePosition,
+        timestamp_ms: i64,
+        now_ms: i64,
+    ) -> LabelOutcome {
+        self.m.labels_received.increment(1);
+        let next = self.label_offsets.entry(pos.partition).or_insert(0);
+        *next = (*next).max(pos.offset + 1);
+        self.dirty = true;
+        let outcome = match decoded {
+            Err(r) => Err(r),
+            Ok(label) => self.join(label, timestamp_ms),
+        };
+        match outcome {
+            Ok(o) => o,
+            Err(r) => {
+                self.m.labels_rejected.get(r.reason).increment(1);
+                let dl = DeadLetter::new(
+                    &r,
+                    pos,
+                    payload,
+                    self.cfg.pool.dead_letter_payload_bytes,
+                    now_ms,
+                );
+                self.outbox.push(Output::DeadLetter(Box::new(dl)));
+                LabelOutcome::Rejected(r.reason)
+            }
+        }
+    }
+
+    fn join(
+        &mut self,
+        label: LabelMsg,
+        timestamp_ms: i64,
+    ) -> std::result::Result<LabelOutcome, Rejection> {
+        let id = label.request_id;
+        let Some(f) = self.in_flight.get_mut(&id) else {
+            return match self.closed.get(&id) {
+                Some(Closed::Labelled) => Err(Rejection::new(
+                    Reason::DuplicateLabel,
+                    format!("request {id} already has all its labels"),
+                )),
+                Some(Closed::Expired) => Err(Rejection::new(
+                    Reason::ExpiredRequest,
+                    format!("request {id} expired"),
+                )),
+                None => match parse_request_id(&id) {
+                    Some((instance, _)) if instance != self.cfg.daemon.instance_id => {
+                        self.m.labels_foreign.increment(1);
+                        Ok(LabelOutcome::Foreign)
+                    }
+                    _ => Err(Rejection::new(
+                        Reason::UnknownRequest,
+                        format!("no request {id} was issued by this instance (or it is too old to remember)"),
+                    )),
+                },
+            };
+        };
+        if timestamp_ms > f.request.expires_at_ms {
+            return Err(Rejection::new(
+                Reason::ExpiredRequest,
+                format!(
+                    "label timestamp {timestamp_ms} ms is after the request's expiry {} ms",
+                    f.request.expires_at_ms
+                ),
+            ));
+        }
+        let annotator = label.annotator_id.unwrap_or_default();
+        if f.annotators.contains(&annotator) {
+            return Err(Rejection::new(
+                Reason::DuplicateLabel,
+                if annotator.is_empty() {
+                    format!("request {id} already has an anonymous label")
+                } else {
+                    format!("annotator {annotator:?} already labelled request {id}")
+                },
+            ));
+        }
+        let started = Instant::now();
+        let report = self.posterior.update(&f.v, label.y).map_err(|e| {
+            Rejection::new(
+                Reason::InvalidValue,
+                format!("label cannot be applied: {e}"),
+            )
+        })?;
+        self.m
+            .update_duration
+            .record(started.elapsed().as_secs_f64());
+        if report.refactored {
+            tracing::warn!(request = %id, "rank-one update hit a non-positive pivot; factor rebuilt");
+        }
+        let latency = (timestamp_ms - f.request.issued_at_ms).max(0) as f64 / 1000.0;
+        self.m.label_latency.record(latency);
+        self.m.labels_applied.increment(1);
+        f.annotators.push(annotator);
+        f.labels_received += 1;
+        let closed = f.labels_received >= f.request.labels_wanted;
+        if closed {
+            self.in_flight.remove(&id);
+            self.closed.insert(id.clone(), Closed::Labelled);
+        }
+        self.labels_since_checkpoint += 1;
+        self.labels_since_export += 1;
+        self.after_label();
+        Ok(LabelOutcome::Applied {
+            request_id: id,
+            closed,
+        })
+    }
+
+    /// Consolidation and refit cadence, at deterministic label counts.
+    fn after_label(&mut self) {
+        if self.posterior.label_count() > self.cfg.model.max_labels {
+            self.finish_refit(true);
+            self.posterior.consolidate();
+            self.m.consolidations.increment(1);
+            tracing::info!(
+                labels_applied = self.posterior.labels_applied(),
+                "label store folded into the prior"
+            );
+        }
+        let every = self.cfg.model.refit_every;
+        if every > 0 && self.posterior.labels_applied() % every == 0 {
+            self.finish_refit(true);
+            if self.posterior.label_count() > 0 {
+                let at = self.posterior.label_count();
+                self.spawn_refit(self.posterior.refit_job(), at);
+            }
+        }
+        self.update_gauges();
+    }
+
+    fn spawn_refit(&mut self, job: crate::posterior::RefitJob, at: usize) {
+        let (tx, rx) = mpsc::channel();
+        let spawned = std::thread::Builder::new()
+            .name("armd-refit".into())
+            .spawn(move || {
+                let _ = tx.send(job.run(RefitOptions::default()));
+            });
+        match spawned {
+            Ok(_) => {
+                self.refit = Some(PendingRefit {
+                    at,
+                    started: now_instant(),
+                    rx,
+                })
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the refit thread; skipping this refit")
+            }
+        }
+    }
+
+    /// Installs a finished refit. With `wait`, blocks until the pending one finishes.
+    fn finish_refit(&mut self, wait: bool) {
+        let Some(p) = &self.refit else { return };
+        let result = if wait {
+            p.rx.recv().map_err(|_| ())
+        } else {
+            match p.rx.try_recv() {
+                Ok(r) => Ok(r),
+                Err(mpsc::TryRecvError::Empty) => return,
+                Err(mpsc::TryRecvError::Disconnected) => Err(()),
+            }
+        };
+        let p = self.refit.take().expect("checked above");
+        match result {
+            Ok(Ok(outcome)) => {
+                let report = outcome.report;
+                match self.posterior.install_refit(outcome) {
+                    Ok(()) => {
+                        self.m.refits.increment(1);
+                        self.m
+                            .refit_duration
+                            .record(p.started.elapsed().as_secs_f64());
+                        self.dirty = true;
+                        tracing::debug!(
+                            labels = report.labels,
+                            iterations = report.iterations,
+                            at = p.at,
+                            "refit installed"
+                        );
+                    }
+                    Err(e) => tracing::error!(error = %e, "refit could not be installed"),
+                }
+            }
+            Ok(Err(e)) => tracing::error!(error = %e, "refit failed; the online posterior stays"),
+            Err(()) => tracing::error!("refit thread died"),
+        }
+        self.update_gauges();
+    }
+
+    /// Installs a finished refit, if any (never blocks).
+    pub fn poll_refit(&mut self) {
+        self.finish_refit(false);
+    }
+
+    /// Blocks until a pending refit is installed (tests, replays).
+    pub fn wait_refit(&mut self) {
+        self.finish_refit(true);
+    }
+
+    // ---------------------------------------------------------------------------------------------
+    // Checkpoint and export
+
+    /// Whether a checkpoint is due: after `every_labels` labels, or `every` after the last one when
+    /// anything changed, or right after the scaler froze.
+    pub fn checkpoint_due(&self, since_last: std::time::Duration) -> bool {
+        self.checkpoint_now
+            || self.labels_since_checkpoint >= self.cfg.checkpoint.every_labels
+            || (self.dirty && since_last >= self.cfg.checkpoint.every)
+    }
+
+    /// A snapshot of the durable state; resets the cadence counters.
+    pub fn checkpoint(&mut self, now_ms: i64) -> Checkpoint {
+        self.labels_since_checkpoint = 0;
+        self.dirty = false;
+        self.checkpoint_now = false;
+        let scaler = self.scaler.is_frozen().then(|| ScalerState {
+            scaling: self.scaler.scaling(),
+            mean: self.scaler.mean().to_vec(),
+            inv_std: self.scaler.inv_std().to_vec(),
+        });
+        Checkpoint {
+            instance_id: self.cfg.daemon.instance_id.clone(),
+            written_at_ms: now_ms,
+            posterior: self.posterior.to_parts(),
+            scaler,
+            pending_refit: self.refit.as_ref().map(|p| p.at as u64),
+            next_sequence: self.next_sequence,
+            label_offsets: self.label_offsets.iter().map(|(&p, &o)| (p, o)).collect(),
+            request_scan_from: self
+                .request_scan_from
+                .iter()
+                .map(|(&p, &o)| (p, o))
+                .collect(),
+            in_flight: self
+                .in_flight
+                .values()
+                .map(|f| InFlightState {
+                    request_json: serde_json::to_string(&f.request).expect("serialisable"),
+                    labels_received: f.labels_received,
+                    annotators: f.annotators.clone(),
+                })
+                .collect(),
+            closed: self
+                .closed
+                .order
+                .iter()
+                .filter_map(|id| self.closed.get(id).map(|w| (id.clone(), w)))
+                .collect(),
+        }
+    }
+
+    pub fn export_due(&self) -> bool {
+        (self.cfg.export.dir.is_some() || self.cfg.export.publish)
+            && self.labels_since_export >= self.cfg.export.every_labels
+    }
+
+    /// The current model as a snapshot (raw-space weights when the scaling folds).
+    pub fn snapshot(&self, now_ms: i64) -> ModelSnapshot {
+        let p = &self.posterior;
+        let theta = p.theta().to_vec();
+        let folded = if self.scaler.is_frozen() {
+            self.scaler.fold_into_linear_head(&theta).ok()
+        } else {
+            None
+        };
+        let (weights, bias, mean, inv_std) = match folded {
+            Some((w, b)) => (Some(w), Some(b), None, None),
+            None => (
+                None,
+                None,
+                Some(self.scaler.mean().to_vec()),
+                Some(self.scaler.inv_std().to_vec()),
+            ),
+        };
+        let l = p.cholesky();
+        let d = p.dim();
+        // diag(H)_i = Σ_j L_ij² (row norms of the factor).
+        let precision_diagonal = (0..d)
+            .map(|i| (0..=i).map(|j| l[(i, j)] * l[(i, j)]).sum())
+            .collect();
+        let pq = p.prequential();
+        ModelSnapshot {
+            schema: MODEL_SCHEMA.to_string(),
+            instance_id: self.cfg.daemon.instance_id.clone(),
+            version: p.version(),
+            labels_applied: p.labels_applied(),
+            labels_stored: p.label_count() as u64,
+            dim: d,
+            scaling: self.scaler.scaling().name().to_string(),
+            theta,
+            weights,
+            bias,
+            scaler_mean: mean,
+            scaler_inv_std: inv_std,
+            log_det: p.log_det(),
+            precision_diagonal,
+            prequential: PrequentialSummary {
+                labels: pq.labels,
+                log_loss: pq.log_loss(),
+                accuracy: pq.accuracy(),
+            },
+            created_at_ms: now_ms,
+        }
+    }
+
+    /// Exports the model: files under `export.dir` and/or an [`Output::Model`]. File errors are returned
+    /// (the caller logs them; the daemon keeps running).
+    pub fn export(&mut self, now_ms: i64) -> Result<()> {
+        self.labels_since_export = 0;
+        let snap = self.snapshot(now_ms);
+        self.m.exports.increment(1);
+        let result = match &self.cfg.export.dir {
+            Some(dir) => super::export::write_model_files(dir, &snap),
+            None => Ok(()),
+        };
+        if self.cfg.export.publish {
+            self.outbox.push(Output::Model(Box::new(snap)));
+        }
+        result
+    }
+
+    /// Refreshes the model gauges.
+    pub fn update_gauges(&self) {
+        let p = &self.posterior;
+        self.m.pool_responses.set(self.pool.len() as f64);
+        self.m
+            .requests_in_flight
+            .set(self.active_in_flight() as f64);
+        self.m.log_det.set(p.log_det());
+        self.m.model_version.set(p.version() as f64);
+        self.m.model_labels_applied.set(p.labels_applied() as f64);
+        self.m.model_labels_stored.set(p.label_count() as f64);
+        self.m
+            .scaler_frozen
+            .set(if self.scaler.is_frozen() { 1.0 } else { 0.0 });
+        if let Some(l) = p.prequential().log_loss() {
+            self.m.prequential_log_loss.set(l);
+        }
+        if let Some(a) = p.prequential().accuracy() {
+            self.m.prequential_accuracy.set(a);
+        }
+    }
+
+    /// The posterior's parts (for replay comparisons in tests).
+    pub fn posterior_parts(&self) -> PosteriorParts {
+        self.posterior.to_parts()
+    }
+
+    /// Metadata of a pooled response, for tests.
+    pub fn pooled_metadata(&self, prompt_id: &str, response_id: &str) -> Option<Value> {
+        self.pool
+            .iter()
+            .find(|(_, e)| &*e.prompt_id == prompt_id && &*e.response_id == response_id)
+            .and_then(|(_, e)| e.metadata.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests;

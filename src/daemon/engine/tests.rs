@@ -1,0 +1,547 @@
+//! Engine rules without Kafka: the engine is driven with messages and a clock.
+
+use super::*;
+use crate::daemon::messages::LABEL_SCHEMA;
+use crate::daemon::telemetry::Telemetry;
+use rand::Rng;
+
+const D: usize = 6;
+
+fn cfg(extra: &str) -> Arc<Config> {
+    let base = format!(
+        "[model]\ndim = {D}\nwarmup_samples = 12\nrefit_every = 0\nprior_precision = 1.0\n\
+         [selection]\nbatch_size = 3\nmax_in_flight = 5\nmin_pool = 4\nround_interval_ms = 10\n\
+         request_ttl_secs = 100\nexpiry_grace_secs = 50\ncandidates = \"both\"\n\
+         [pool]\nttl_secs = 1000\n[export]\npublish = true\n"
+    );
+    // Later keys of the same section override: merge by appending the extra TOML as env-style overrides.
+    let mut env = Vec::new();
+    for line in extra.lines().filter(|l| !l.trim().is_empty()) {
+        let (k, v) = line.split_once('=').expect("key = value");
+        env.push((k.trim().to_string(), v.trim().trim_matches('"').to_string()));
+    }
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let mut c = Config::from_toml_with_env(&base, &env).unwrap();
+    c.export.dir = None;
+    Arc::new(c)
+}
+
+fn engine(c: &Arc<Config>) -> Engine {
+    Engine::new(c.clone(), Telemetry::new().metrics, None).unwrap()
+}
+
+struct World {
+    rng: StdRng,
+    truth: Vec<f64>,
+    next: u64,
+}
+
+impl World {
+    fn new(seed: u64) -> Self {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let truth = (0..D).map(|_| rng.random_range(-2.0..2.0)).collect();
+        Self {
+            rng,
+            truth,
+            next: 0,
+        }
+    }
+    fn response(&mut self, prompt: u64) -> Response {
+        self.next += 1;
+        Response {
+            prompt_id: format!("p{prompt}"),
+            response_id: format!("r{}", self.next),
+            embedding: (0..D)
+                .map(|_| self.rng.random_range(-3.0f32..3.0) + 10.0)
+                .collect(),
+            metadata: Some(serde_json::json!({"n": self.next})),
+        }
+    }
+    fn reward(&self, x: &[f32]) -> f64 {
+        x.iter()
+            .zip(&self.truth)
+            .map(|(a, b)| f64::from(*a) * b)
+            .sum()
+    }
+    /// Bernoulli annotator on the golden reward gap.
+    fn answer(&mut self, req: &LabelRequest) -> f64 {
+        let a = messages::decode_f32_b64("a", &req.a.embedding_b64).unwrap();
+        let b = messages::decode_f32_b64("b", &req.b.embedding_b64).unwrap();
+        let p = crate::linalg::sigmoid(self.reward(&a) - self.reward(&b));
+        if self.rng.random::<f64>() < p {
+            1.0
+        } else {
+            0.0
+        }
+    }
+}
+
+fn requests(out: Vec<Output>) -> Vec<LabelRequest> {
+    out.into_iter()
+        .filter_map(|o| match o {
+            Output::Request(r) => Some(*r),
+            _ => None,
+        })
+        .collect()
+}
+
+fn dead_letters(out: &[Output]) -> Vec<String> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::DeadLetter(d) => Some(d.reason.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn pos(offset: i64) -> SourcePosition {
+    SourcePosition {
+        topic: "labels".into(),
+        partition: 0,
+        offset,
+    }
+}
+
+fn label(id: &str, y: f64, annotator: Option<&str>) -> std::result::Result<LabelMsg, Rejection> {
+    Ok(LabelMsg {
+        request_id: id.to_string(),
+        y,
+        annotator_id: annotator.map(str::to_string),
+    })
+}
+
+/// Fills the pool past warm-up and returns the engine with the scaler frozen.
+fn warmed(c: &Arc<Config>, w: &mut World) -> Engine {
+    let mut e = engine(c);
+    for i in 0..12 {
+        assert!(e.on_response(w.response(i % 4), 0));
+    }
+    assert!(e.scaler().is_frozen());
+    e
+}
+
+#[test]
+fn no_round_before_the_scaler_is_frozen() {
+    let c = cfg("");
+    let mut w = World::new(1);
+    let mut e = engine(&c);
+    for i in 0..11 {
+        e.on_response(w.response(i % 3), 0);
+    }
+    assert!(!e.scaler().is_frozen());
+    assert_eq!(e.maybe_round(1000), 0);
+    e.on_response(w.response(0), 0);
+    assert!(e.scaler().is_frozen());
+    // Freezing asks for an immediate checkpoint (the scaler is part of the model).
+    assert!(e.checkpoint_due(std::time::Duration::ZERO));
+    assert_eq!(e.maybe_round(1000), 3);
+}
+
+#[test]
+fn rounds_respect_batch_size_budget_interval_and_use_up_responses() {
+    let c = cfg("");
+    let mut w = World::new(2);
+    let mut e = warmed(&c, &mut w);
+    assert_eq!(e.maybe_round(0), 3);
+    let reqs = requests(e.take_outputs());
+    assert_eq!(reqs.len(), 3);
+    assert_eq!(e.pool_len(), 12 - 6);
+    // Interval not elapsed.
+    assert_eq!(e.maybe_round(5), 0);
+    // Budget: 5 in flight max, 3 used.
+    assert_eq!(e.maybe_round(10), 2);
+    assert_eq!(e.active_in_flight(), 5);
+    for _ in 0..10 {
+        e.on_response(w.response(7), 20);
+    }
+    assert_eq!(e.maybe_round(100), 0, "budget exhausted");
+    // Ids are unique, parseable, sequence-ordered; metadata is passed through.
+    let mut all = reqs;
+    all.extend(requests(e.take_outputs()));
+    let ids: std::collections::HashSet<_> = all.iter().map(|r| r.request_id.clone()).collect();
+    assert_eq!(ids.len(), 5);
+    for (i, r) in all.iter().enumerate() {
+        assert_eq!(parse_request_id(&r.request_id), Some(("armd-0", i as u64)));
+        assert!(r.a.metadata.is_some() && r.b.metadata.is_some());
+        assert_eq!(r.expires_at_ms - r.issued_at_ms, 100_000);
+        assert!(r.predicted_p > 0.0 && r.predicted_p < 1.0);
+        assert!(r.gain > 0.0);
+    }
+}
+
+#[test]
+fn label_join_applies_once_and_rejects_each_bad_case() {
+    let c = cfg("ARMD__SELECTION__LABELS_PER_REQUEST = 2");
+    let mut w = World::new(3);
+    let mut e = warmed(&c, &mut w);
+    e.maybe_round(0);
+    let reqs = requests(e.take_outputs());
+    let id = reqs[0].request_id.clone();
+    let ts = reqs[0].issued_at_ms + 1;
+    let o = e.on_label(label(&id, 1.0, Some("ann1")), None, pos(0), ts, ts);
+    assert_eq!(
+        o,
+        LabelOutcome::Applied {
+            request_id: id.clone(),
+            closed: false
+        }
+    );
+    // Same annotator again: duplicate.
+    let o = e.on_label(label(&id, 0.0, Some("ann1")), Some(b"x"), pos(1), ts, ts);
+    assert_eq!(o, LabelOutcome::Rejected(Reason::DuplicateLabel));
+    // Second annotator closes it.
+    let o = e.on_label(label(&id, 0.5, Some("ann2")), None, pos(2), ts, ts);
+    assert_eq!(
+        o,
+        LabelOutcome::Applied {
+            request_id: id.clone(),
+            closed: true
+        }
+    );
+    // Closed: any further label is a duplicate.
+    let o = e.on_label(label(&id, 1.0, Some("ann3")), None, pos(3), ts, ts);
+    assert_eq!(o, LabelOutcome::Rejected(Reason::DuplicateLabel));
+    // Unknown id of this instance, foreign id, malformed message.
+    let o = e.on_label(
+        label("armd-0-999-0123456789abcdef", 1.0, None),
+        None,
+        pos(4),
+        ts,
+        ts,
+    );
+    assert_eq!(o, LabelOutcome::Rejected(Reason::UnknownRequest));
+    let o = e.on_label(
+        label("armd-7-1-0123456789abcdef", 1.0, None),
+        None,
+        pos(5),
+        ts,
+        ts,
+    );
+    assert_eq!(o, LabelOutcome::Foreign);
+    let o = e.on_label(label("garbage", 1.0, None), None, pos(6), ts, ts);
+    assert_eq!(o, LabelOutcome::Rejected(Reason::UnknownRequest));
+    let bad = Err(Rejection::new(Reason::InvalidJson, "x"));
+    assert_eq!(
+        e.on_label(bad, Some(b"{"), pos(7), ts, ts),
+        LabelOutcome::Rejected(Reason::InvalidJson)
+    );
+    // Label stamped after expiry.
+    let late = reqs[1].expires_at_ms + 1;
+    let o = e.on_label(
+        label(&reqs[1].request_id, 1.0, None),
+        None,
+        pos(8),
+        late,
+        late,
+    );
+    assert_eq!(o, LabelOutcome::Rejected(Reason::ExpiredRequest));
+    assert_eq!(e.posterior().labels_applied(), 2);
+    // Every message advanced the partition's offset; every rejection became a dead letter.
+    assert_eq!(e.label_offsets().get(&0), Some(&9));
+    let dl = dead_letters(&e.take_outputs());
+    assert_eq!(
+        dl,
+        [
+            "duplicate_label",
+            "duplicate_label",
+            "unknown_request",
+            "unknown_request",
+            "invalid_json",
+            "expired_request"
+        ]
+    );
+}
+
+#[test]
+fn expiry_frees_budget_reoffers_pairs_and_late_labels_follow_timestamps() {
+    let c = cfg("");
+    let mut w = World::new(4);
+    let mut e = warmed(&c, &mut w);
+    e.maybe_round(0);
+    let reqs = requests(e.take_outputs());
+    let pool_before = e.pool_len();
+    let exp = reqs[0].expires_at_ms;
+    e.expire(exp);
+    assert_eq!(e.active_in_flight(), 0);
+    assert_eq!(e.pool_len(), pool_before + 6, "pairs re-offered");
+    // In the grace period a label stamped before the expiry still counts.
+    let o = e.on_label(
+        label(&reqs[0].request_id, 1.0, None),
+        None,
+        pos(0),
+        exp - 1,
+        exp + 10,
+    );
+    assert!(matches!(o, LabelOutcome::Applied { closed: true, .. }));
+    // After the grace the id is forgotten as expired.
+    e.expire(exp + 50_000);
+    assert!(e.in_flight_ids().is_empty());
+    let o = e.on_label(
+        label(&reqs[1].request_id, 1.0, None),
+        None,
+        pos(1),
+        exp - 1,
+        exp + 50_001,
+    );
+    assert_eq!(o, LabelOutcome::Rejected(Reason::ExpiredRequest));
+}
+
+#[test]
+fn pool_evicts_at_capacity_and_ttl() {
+    let c = cfg("ARMD__POOL__CAPACITY = 20\nARMD__POOL__TTL_SECS = 10");
+    let mut w = World::new(5);
+    let mut e = engine(&c);
+    for i in 0..25 {
+        e.on_response(w.response(i % 5), 0);
+    }
+    assert_eq!(e.pool_len(), 20);
+    // A redelivered response is not pooled twice.
+    let r = w.response(1);
+    assert!(e.on_response(r.clone(), 1));
+    assert!(!e.on_response(r, 1));
+    e.maybe_round(10_002); // purges everything older than 10 s
+    assert_eq!(e.pool_len(), 0);
+}
+
+/// Runs a labelled stream: rounds, annotator answers, labels. Returns the engine.
+fn run_stream(e: &mut Engine, w: &mut World, rounds: usize, t0: i64) -> i64 {
+    let mut t = t0;
+    let mut offset = e.label_offsets().get(&0).copied().unwrap_or(0);
+    for r in 0..rounds {
+        for _ in 0..6 {
+            let resp = w.response(r as u64 % 7);
+            e.on_response(resp, t);
+        }
+        t += 20;
+        e.maybe_round(t);
+        for req in requests(e.take_outputs()) {
+            let y = w.answer(&req);
+            e.on_label(
+                label(&req.request_id, y, None),
+                None,
+                pos(offset),
+                t + 1,
+                t + 1,
+            );
+            offset += 1;
+        }
+        e.poll_refit();
+    }
+    t
+}
+
+fn rel_diff(a: &[f64], b: &[f64]) -> f64 {
+    let num: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    let den: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt().max(1e-300);
+    num / den
+}
+
+#[test]
+fn the_model_learns_the_golden_reward() {
+    let c = cfg("ARMD__SELECTION__MAX_IN_FLIGHT = 8\nARMD__SELECTION__BATCH_SIZE = 8\nARMD__MODEL__REFIT_EVERY = 50");
+    let mut w = World::new(6);
+    let mut e = engine(&c);
+    run_stream(&mut e, &mut w, 120, 0);
+    e.wait_refit();
+    assert!(
+        e.posterior().labels_applied() >= 300,
+        "{}",
+        e.posterior().labels_applied()
+    );
+    // θ in scaled space folds to raw-space weights; compare the direction with the truth.
+    let snap = e.snapshot(0);
+    let wts = snap.weights.unwrap();
+    let cos = crate::linalg::dot(&wts, &w.truth)
+        / (crate::linalg::dot(&wts, &wts).sqrt() * crate::linalg::dot(&w.truth, &w.truth).sqrt());
+    assert!(cos > 0.9, "cosine to the golden reward {cos}");
+    let acc = e.posterior().prequential().accuracy().unwrap();
+    assert!(acc > 0.6, "prequential accuracy {acc}");
+}
+
+#[test]
+fn export_weights_score_raw_embeddings() {
+    let c = cfg("ARMD__SELECTION__MAX_IN_FLIGHT = 8\nARMD__SELECTION__BATCH_SIZE = 8");
+    let mut w = World::new(7);
+    let mut e = engine(&c);
+    run_stream(&mut e, &mut w, 10, 0);
+    let snap = e.snapshot(5);
+    let (wts, b) = (snap.weights.clone().unwrap(), snap.bias.unwrap());
+    for _ in 0..5 {
+        let x = w.response(0).embedding;
+        let scaled = e.scaler().transform_vec(&x).unwrap();
+        let want = crate::linalg::dot(&scaled, e.posterior().theta());
+        let got: f64 = x
+            .iter()
+            .zip(&wts)
+            .map(|(a, b)| f64::from(*a) * b)
+            .sum::<f64>()
+            + b;
+        assert!(
+            (want - got).abs() <= 1e-9 * (1.0 + want.abs()),
+            "{want} vs {got}"
+        );
+    }
+    assert!(snap.log_det > 0.0 && snap.precision_diagonal.iter().all(|&h| h >= 1.0));
+    // Files: npy + json.
+    let dir = tempfile::tempdir().unwrap();
+    crate::daemon::export::write_model_files(dir.path(), &snap).unwrap();
+    let bytes = std::fs::read(dir.path().join("model.npy")).unwrap();
+    let back: Vec<f64> = npyz::NpyFile::new(&bytes[..]).unwrap().into_vec().unwrap();
+    assert_eq!(back, wts);
+    let meta: ModelSnapshot =
+        serde_json::from_slice(&std::fs::read(dir.path().join("model.json")).unwrap()).unwrap();
+    assert_eq!(meta.version, snap.version);
+}
+
+#[test]
+fn labels_applied_before_a_checkpoint_stay_applied_once_after_restart() {
+    let c = cfg("");
+    let mut w = World::new(8);
+    let mut a = warmed(&c, &mut w);
+    a.maybe_round(0);
+    let reqs = requests(a.take_outputs());
+    let id = reqs[0].request_id.clone();
+    a.on_label(label(&id, 1.0, None), None, pos(0), 1, 1);
+    let ck = Checkpoint::decode(&a.checkpoint(1).encode()).unwrap();
+    let mut b = Engine::new(c.clone(), Telemetry::new().metrics, Some(ck)).unwrap();
+    assert_eq!(b.posterior().labels_applied(), 1);
+    assert_eq!(b.label_offsets()[&0], 1);
+    // The other two requests survived the restart and accept their labels; the closed one does not.
+    assert_eq!(b.in_flight_ids().len(), 2);
+    assert_eq!(
+        b.on_label(label(&id, 1.0, None), None, pos(1), 2, 2),
+        LabelOutcome::Rejected(Reason::DuplicateLabel)
+    );
+    let o = b.on_label(label(&reqs[1].request_id, 0.0, None), None, pos(2), 2, 2);
+    assert!(matches!(o, LabelOutcome::Applied { closed: true, .. }));
+    assert_eq!(b.posterior().labels_applied(), 2);
+    // The sequence continues: no id is reused.
+    assert_eq!(b.next_sequence(), 3);
+}
+
+#[test]
+fn restart_with_recovered_requests_reproduces_the_posterior() {
+    let c = cfg("ARMD__SELECTION__MAX_IN_FLIGHT = 8\nARMD__SELECTION__BATCH_SIZE = 8\nARMD__MODEL__REFIT_EVERY = 16");
+    let mut w = World::new(9);
+    let mut a = engine(&c);
+    let mut issued: Vec<LabelRequest> = Vec::new();
+    let mut labels: Vec<(String, f64, i64)> = Vec::new();
+    let mut t = 0;
+    let mut ckpt: Option<(Checkpoint, usize, usize)> = None;
+    for r in 0..40 {
+        for _ in 0..6 {
+            let resp = w.response(r % 5);
+            a.on_response(resp, t);
+        }
+        t += 20;
+        a.maybe_round(t);
+        for req in requests(a.take_outputs()) {
+            let y = w.answer(&req);
+            a.on_label(
+                label(&req.request_id, y, None),
+                None,
+                pos(labels.len() as i64),
+                t + 1,
+                t + 1,
+            );
+            labels.push((req.request_id.clone(), y, t + 1));
+            issued.push(req);
+        }
+        a.poll_refit();
+        if r == 17 {
+            ckpt = Some((a.checkpoint(t), issued.len(), labels.len()));
+        }
+    }
+    a.wait_refit();
+    let (ckpt, n_issued, n_labels) = ckpt.unwrap();
+    let restored = Checkpoint::decode(&ckpt.encode()).unwrap();
+    let mut b = Engine::new(c.clone(), Telemetry::new().metrics, Some(restored)).unwrap();
+    // Start-up recovery: requests issued after the checkpoint, read back from the topic.
+    for req in &issued[n_issued..] {
+        assert!(b.recover_request(req.clone()).unwrap());
+    }
+    // Requests already in the checkpoint are not recovered twice.
+    for req in &issued[..n_issued] {
+        assert!(!b.recover_request(req.clone()).unwrap());
+    }
+    assert_eq!(b.next_sequence(), a.next_sequence());
+    // Replay the labels topic from the checkpointed offset.
+    let from = b.label_offsets()[&0] as usize;
+    assert_eq!(from, n_labels);
+    for (i, (id, y, ts)) in labels.iter().enumerate().skip(from) {
+        let o = b.on_label(label(id, *y, None), None, pos(i as i64), *ts, *ts);
+        assert!(matches!(o, LabelOutcome::Applied { .. }), "{o:?}");
+    }
+    b.wait_refit();
+    let (pa, pb) = (a.posterior(), b.posterior());
+    assert_eq!(pa.labels_applied(), pb.labels_applied());
+    let rd = rel_diff(pb.theta(), pa.theta());
+    assert!(rd < 1e-9, "theta relative difference {rd}");
+    let ld = (pa.log_det() - pb.log_det()).abs() / pa.log_det().abs();
+    assert!(ld < 1e-9, "log det relative difference {ld}");
+    // A fresh replay of the same labels from scratch agrees too.
+    let mut replay = Posterior::new(D, 1.0).unwrap();
+    let by_id: HashMap<_, _> = issued.iter().map(|r| (r.request_id.clone(), r)).collect();
+    for (i, (id, y, _)) in labels.iter().enumerate() {
+        let req = by_id[id];
+        let xa = a
+            .scaler()
+            .transform_vec(&messages::decode_f32_b64("a", &req.a.embedding_b64).unwrap())
+            .unwrap();
+        let xb = a
+            .scaler()
+            .transform_vec(&messages::decode_f32_b64("b", &req.b.embedding_b64).unwrap())
+            .unwrap();
+        let v: Vec<f64> = xa.iter().zip(&xb).map(|(p, q)| p - q).collect();
+        replay.update(&v, *y).unwrap();
+        if (i + 1) % 16 == 0 {
+            replay.refit(RefitOptions::default()).unwrap();
+        }
+    }
+    let rd = rel_diff(replay.theta(), pa.theta());
+    assert!(rd < 1e-9, "replay theta relative difference {rd}");
+}
+
+#[test]
+fn checkpoint_of_another_dimension_or_instance_is_refused() {
+    let c = cfg("");
+    let mut w = World::new(10);
+    let mut e = warmed(&c, &mut w);
+    let ck = e.checkpoint(0);
+    let other = cfg("ARMD__DAEMON__INSTANCE_ID = armd-9");
+    let err = Engine::new(other, Telemetry::new().metrics, Some(ck.clone()))
+        .err()
+        .unwrap();
+    assert!(format!("{err:#}").contains("instance"), "{err:#}");
+    let mut c8 = (*cfg("")).clone();
+    c8.model.dim = D + 1;
+    let err = Engine::new(Arc::new(c8), Telemetry::new().metrics, Some(ck.clone()))
+        .err()
+        .unwrap();
+    assert!(format!("{err:#}").contains("dimension"), "{err:#}");
+    let l2 = cfg("ARMD__MODEL__SCALING = l2");
+    let err = Engine::new(l2, Telemetry::new().metrics, Some(ck))
+        .err()
+        .unwrap();
+    assert!(format!("{err:#}").contains("scaling"), "{err:#}");
+}
+
+#[test]
+fn consolidation_bounds_the_label_store() {
+    let c = cfg("ARMD__SELECTION__MAX_IN_FLIGHT = 8\nARMD__SELECTION__BATCH_SIZE = 8\nARMD__MODEL__MAX_LABELS = 20\nARMD__MODEL__REFIT_EVERY = 10");
+    let mut w = World::new(11);
+    let mut e = engine(&c);
+    run_stream(&mut e, &mut w, 20, 0);
+    assert!(e.posterior().labels_applied() > 40);
+    assert!(e.posterior().label_count() <= 20);
+}
+
+#[test]
+fn label_schema_constant_is_versioned() {
+    assert!(LABEL_SCHEMA.ends_with(".v1"));
+}

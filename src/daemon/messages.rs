@@ -1,0 +1,1024 @@
+//! Wire formats of every Kafka message armd reads or writes (JSON, UTF-8), and their decoders.
+//!
+//! Every message carries `"schema": "armd.<kind>.v1"`. A decoder either returns a typed message or a
+//! [`Rejection`]: a [`Reason`] from a small, stable set of snake_case codes (used as a metric label and in
+//! dead letters) plus a human-readable detail that says what is wrong and where.
+//!
+//! | topic | direction | schema | type |
+//! |---|---|---|---|
+//! | responses | in | `armd.response.v1` | [`Response`] |
+//! | requests | out (and read back on recovery) | `armd.request.v1` | [`LabelRequest`] |
+//! | labels | in | `armd.label.v1` | [`LabelMsg`] |
+//! | models | out | `armd.model.v1` | [`ModelSnapshot`] |
+//! | dead letters | out | `armd.dead_letter.v1` | [`DeadLetter`] |
+//!
+//! Embeddings travel either as a JSON number array (`embedding`) or as base64 of little-endian f32
+//! (`embedding_b64`). The base64 path is the fast one: the string is borrowed from the payload, decoded in
+//! one pass and reinterpreted four bytes at a time, with no number parsing.
+//!
+//! Unknown fields are rejected (`unknown_field`): a producer that sends a field armd ignores is almost
+//! always a producer on another schema version, and silently ignoring it hides the mismatch.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+use base64::Engine as _;
+use serde::de::{self, Deserializer, SeqAccess, Visitor};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+pub const RESPONSE_SCHEMA: &str = "armd.response.v1";
+pub const REQUEST_SCHEMA: &str = "armd.request.v1";
+pub const LABEL_SCHEMA: &str = "armd.label.v1";
+pub const MODEL_SCHEMA: &str = "armd.model.v1";
+pub const DEAD_LETTER_SCHEMA: &str = "armd.dead_letter.v1";
+
+/// Longest accepted prompt, response, request or annotator id, in bytes.
+pub const MAX_ID_BYTES: usize = 256;
+
+/// Standard base64 alphabet; padding optional on input, always written on output.
+const B64: GeneralPurpose = GeneralPurpose::new(
+    &base64::alphabet::STANDARD,
+    GeneralPurposeConfig::new()
+        .with_encode_padding(true)
+        .with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
+
+/// Why a message was rejected. The codes are stable: they are metric label values and appear in dead
+/// letters, so operators can alert on them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Reason {
+    /// Empty payload or a tombstone (no payload).
+    EmptyPayload,
+    /// Payload larger than `pool.max_message_bytes`.
+    Oversized,
+    /// Payload is not valid UTF-8.
+    InvalidUtf8,
+    /// Payload is not valid JSON (truncated, syntax error, not an object).
+    InvalidJson,
+    /// The `schema` field names another message kind or version.
+    UnsupportedSchema,
+    /// A required field is absent.
+    MissingField,
+    /// A field armd does not know.
+    UnknownField,
+    /// A field has the wrong JSON type.
+    WrongType,
+    /// A field has the right type but an invalid value (empty or overlong id, both embedding encodings).
+    InvalidValue,
+    /// `embedding_b64` is not valid base64 or not a whole number of f32.
+    InvalidBase64,
+    /// The embedding's length differs from `model.dim`.
+    WrongDimension,
+    /// NaN, ±Inf, or a number that does not fit in f32.
+    NonFinite,
+    /// A label for a request id this instance never issued (or has forgotten).
+    UnknownRequest,
+    /// A label timestamped after its request expired.
+    ExpiredRequest,
+    /// A second label from the same annotator, or a label for a request that has all its labels.
+    DuplicateLabel,
+    /// An outcome that is not `a`, `b`, `tie` or a probability in [0, 1].
+    OutcomeOutOfRange,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 16] = [
+        Reason::EmptyPayload,
+        Reason::Oversized,
+        Reason::InvalidUtf8,
+        Reason::InvalidJson,
+        Reason::UnsupportedSchema,
+        Reason::MissingField,
+        Reason::UnknownField,
+        Reason::WrongType,
+        Reason::InvalidValue,
+        Reason::InvalidBase64,
+        Reason::WrongDimension,
+        Reason::NonFinite,
+        Reason::UnknownRequest,
+        Reason::ExpiredRequest,
+        Reason::DuplicateLabel,
+        Reason::OutcomeOutOfRange,
+    ];
+
+    /// Reasons a response message can be rejected for.
+    pub const RESPONSE: [Reason; 12] = [
+        Reason::EmptyPayload,
+        Reason::Oversized,
+        Reason::InvalidUtf8,
+        Reason::InvalidJson,
+        Reason::UnsupportedSchema,
+        Reason::MissingField,
+        Reason::UnknownField,
+        Reason::WrongType,
+        Reason::InvalidValue,
+        Reason::InvalidBase64,
+        Reason::WrongDimension,
+        Reason::NonFinite,
+    ];
+
+    /// Reasons a label message can be rejected for.
+    pub const LABEL: [Reason; 13] = [
+        Reason::EmptyPayload,
+        Reason::Oversized,
+        Reason::InvalidUtf8,
+        Reason::InvalidJson,
+        Reason::UnsupportedSchema,
+        Reason::MissingField,
+        Reason::UnknownField,
+        Reason::WrongType,
+        Reason::InvalidValue,
+        Reason::UnknownRequest,
+        Reason::ExpiredRequest,
+        Reason::DuplicateLabel,
+        Reason::OutcomeOutOfRange,
+    ];
+
+    pub fn code(self) -> &'static str {
+        match self {
+            Reason::EmptyPayload => "empty_payload",
+            Reason::Oversized => "oversized",
+            Reason::InvalidUtf8 => "invalid_utf8",
+            Reason::InvalidJson => "invalid_json",
+            Reason::UnsupportedSchema => "unsupported_schema",
+            Reason::MissingField => "missing_field",
+            Reason::UnknownField => "unknown_field",
+            Reason::WrongType => "wrong_type",
+            Reason::InvalidValue => "invalid_value",
+            Reason::InvalidBase64 => "invalid_base64",
+            Reason::WrongDimension => "wrong_dimension",
+            Reason::NonFinite => "non_finite",
+            Reason::UnknownRequest => "unknown_request",
+            Reason::ExpiredRequest => "expired_request",
+            Reason::DuplicateLabel => "duplicate_label",
+            Reason::OutcomeOutOfRange => "outcome_out_of_range",
+        }
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.code())
+    }
+}
+
+/// A rejected message: the reason code and what exactly was wrong.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejection {
+    pub reason: Reason,
+    pub detail: String,
+}
+
+impl Rejection {
+    pub fn new(reason: Reason, detail: impl Into<String>) -> Self {
+        Self {
+            reason,
+            detail: detail.into(),
+        }
+    }
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.reason, self.detail)
+    }
+}
+
+impl std::error::Error for Rejection {}
+
+// ---------------------------------------------------------------------------------------------------------
+// Responses (in)
+
+/// A decoded, validated response: ids, the raw embedding (exactly `dim` finite f32) and pass-through
+/// metadata (a JSON object, or `None`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Response {
+    pub prompt_id: String,
+    pub response_id: String,
+    pub embedding: Vec<f32>,
+    pub metadata: Option<Value>,
+}
+
+/// Marker prefixed to errors raised inside serde visitors so they can be mapped back to a [`Reason`].
+const MARK_NON_FINITE: &str = "armd-non-finite: ";
+const MARK_OUTCOME: &str = "armd-outcome: ";
+
+/// JSON number array decoded straight to f32, rejecting values that are not finite in f32.
+struct F32Array(Vec<f32>);
+
+impl<'de> Deserialize<'de> for F32Array {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = F32Array;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an array of numbers")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<F32Array, A::Error> {
+                let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(1024).min(1 << 16));
+                while let Some(x) = seq.next_element::<f64>()? {
+                    let y = x as f32;
+                    if !y.is_finite() {
+                        return Err(de::Error::custom(format_args!(
+                            "{MARK_NON_FINITE}embedding[{}] = {x} is not a finite f32",
+                            out.len()
+                        )));
+                    }
+                    out.push(y);
+                }
+                Ok(F32Array(out))
+            }
+        }
+        d.deserialize_seq(V)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawResponse<'a> {
+    #[serde(borrow)]
+    schema: Cow<'a, str>,
+    prompt_id: String,
+    response_id: String,
+    #[serde(default)]
+    embedding: Option<F32Array>,
+    #[serde(default, borrow)]
+    embedding_b64: Option<Cow<'a, str>>,
+    #[serde(default)]
+    metadata: Option<Value>,
+}
+
+/// Decodes the messages of the input topics against the deployment's dimension and size limit.
+#[derive(Clone, Copy, Debug)]
+pub struct Decoder {
+    pub dim: usize,
+    pub max_message_bytes: usize,
+}
+
+impl Decoder {
+    pub fn new(dim: usize, max_message_bytes: usize) -> Self {
+        Self {
+            dim,
+            max_message_bytes,
+        }
+    }
+
+    /// Checks the envelope shared by all input messages: present, not too large, UTF-8.
+    fn envelope<'p>(&self, payload: Option<&'p [u8]>) -> Result<&'p str, Rejection> {
+        let bytes = match payload {
+            None => {
+                return Err(Rejection::new(
+                    Reason::EmptyPayload,
+                    "message has no payload",
+                ))
+            }
+            Some([]) => return Err(Rejection::new(Reason::EmptyPayload, "payload is empty")),
+            Some(b) => b,
+        };
+        if bytes.len() > self.max_message_bytes {
+            return Err(Rejection::new(
+                Reason::Oversized,
+                format!(
+                    "payload is {} bytes, limit is {} (pool.max_message_bytes)",
+                    bytes.len(),
+                    self.max_message_bytes
+                ),
+            ));
+        }
+        let text = std::str::from_utf8(bytes).map_err(|e| {
+            Rejection::new(Reason::InvalidUtf8, format!("payload is not UTF-8: {e}"))
+        })?;
+        // serde's derived structs also accept JSON arrays (fields by position); armd's schemas are objects.
+        if !text.trim_start().starts_with('{') {
+            return Err(Rejection::new(
+                Reason::InvalidJson,
+                "payload is not a JSON object",
+            ));
+        }
+        Ok(text)
+    }
+
+    /// Decodes and validates one message of the responses topic.
+    pub fn response(&self, payload: Option<&[u8]>) -> Result<Response, Rejection> {
+        let text = self.envelope(payload)?;
+        let raw: RawResponse<'_> = serde_json::from_str(text).map_err(json_rejection)?;
+        check_schema(&raw.schema, RESPONSE_SCHEMA)?;
+        check_id("prompt_id", &raw.prompt_id)?;
+        check_id("response_id", &raw.response_id)?;
+        let embedding = match (raw.embedding, raw.embedding_b64) {
+            (Some(_), Some(_)) => {
+                return Err(Rejection::new(
+                    Reason::InvalidValue,
+                    "both `embedding` and `embedding_b64` are set; send exactly one",
+                ))
+            }
+            (None, None) => {
+                return Err(Rejection::new(
+                    Reason::MissingField,
+                    "missing field `embedding` (or `embedding_b64`)",
+                ))
+            }
+            (Some(F32Array(v)), None) => v,
+            (None, Some(s)) => decode_f32_b64("embedding_b64", &s)?,
+        };
+        if embedding.len() != self.dim {
+            return Err(Rejection::new(
+                Reason::WrongDimension,
+                format!(
+                    "embedding has {} values, model.dim is {}",
+                    embedding.len(),
+                    self.dim
+                ),
+            ));
+        }
+        if let Some(i) = embedding.iter().position(|x| !x.is_finite()) {
+            return Err(Rejection::new(
+                Reason::NonFinite,
+                format!("embedding[{i}] = {} is not finite", embedding[i]),
+            ));
+        }
+        let metadata = check_metadata(raw.metadata)?;
+        Ok(Response {
+            prompt_id: raw.prompt_id,
+            response_id: raw.response_id,
+            embedding,
+            metadata,
+        })
+    }
+
+    /// Decodes and validates one message of the labels topic (the join with its request happens in the
+    /// engine, which owns the in-flight requests).
+    pub fn label(&self, payload: Option<&[u8]>) -> Result<LabelMsg, Rejection> {
+        let text = self.envelope(payload)?;
+        let raw: RawLabel = serde_json::from_str(text).map_err(json_rejection)?;
+        check_schema(&raw.schema, LABEL_SCHEMA)?;
+        check_id("request_id", &raw.request_id)?;
+        if let Some(a) = &raw.annotator_id {
+            check_id("annotator_id", a)?;
+        }
+        check_metadata(raw.metadata)?;
+        Ok(LabelMsg {
+            request_id: raw.request_id,
+            y: raw.outcome.0,
+            annotator_id: raw.annotator_id,
+        })
+    }
+}
+
+fn check_schema(got: &str, want: &str) -> Result<(), Rejection> {
+    if got == want {
+        Ok(())
+    } else {
+        Err(Rejection::new(
+            Reason::UnsupportedSchema,
+            format!("schema is {got:?}, expected {want:?}"),
+        ))
+    }
+}
+
+fn check_id(field: &str, id: &str) -> Result<(), Rejection> {
+    if id.is_empty() {
+        return Err(Rejection::new(
+            Reason::InvalidValue,
+            format!("`{field}` is empty"),
+        ));
+    }
+    if id.len() > MAX_ID_BYTES {
+        return Err(Rejection::new(
+            Reason::InvalidValue,
+            format!("`{field}` is {} bytes, limit is {MAX_ID_BYTES}", id.len()),
+        ));
+    }
+    Ok(())
+}
+
+fn check_metadata(m: Option<Value>) -> Result<Option<Value>, Rejection> {
+    match m {
+        None | Some(Value::Null) => Ok(None),
+        Some(v @ Value::Object(_)) => Ok(Some(v)),
+        Some(other) => Err(Rejection::new(
+            Reason::WrongType,
+            format!(
+                "`metadata` must be a JSON object, got {}",
+                json_type(&other)
+            ),
+        )),
+    }
+}
+
+fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Maps a serde_json error to a reason. serde's data-error messages are stable ("missing field `x`",
+/// "unknown field `x`", "invalid type: ..."), and our own visitors prefix theirs with a marker.
+fn json_rejection(e: serde_json::Error) -> Rejection {
+    use serde_json::error::Category;
+    let msg = e.to_string();
+    let reason = match e.classify() {
+        Category::Io | Category::Syntax | Category::Eof => {
+            if msg.starts_with("number out of range") {
+                Reason::NonFinite
+            } else {
+                Reason::InvalidJson
+            }
+        }
+        Category::Data => {
+            if let Some(rest) = msg.strip_prefix(MARK_NON_FINITE) {
+                return Rejection::new(Reason::NonFinite, rest.to_string());
+            } else if let Some(rest) = msg.strip_prefix(MARK_OUTCOME) {
+                return Rejection::new(Reason::OutcomeOutOfRange, rest.to_string());
+            } else if msg.starts_with("missing field") {
+                Reason::MissingField
+            } else if msg.starts_with("unknown field") {
+                Reason::UnknownField
+            } else if msg.starts_with("invalid type") && msg.contains("expected struct") {
+                // The top level is not an object (e.g. an array or a bare number).
+                Reason::InvalidJson
+            } else if msg.starts_with("invalid type") || msg.starts_with("invalid length") {
+                Reason::WrongType
+            } else {
+                Reason::InvalidValue
+            }
+        }
+    };
+    Rejection::new(reason, msg)
+}
+
+/// Decodes base64 of little-endian f32.
+pub fn decode_f32_b64(field: &str, s: &str) -> Result<Vec<f32>, Rejection> {
+    let bytes = B64.decode(s.as_bytes()).map_err(|e| {
+        Rejection::new(
+            Reason::InvalidBase64,
+            format!("`{field}` is not valid base64: {e}"),
+        )
+    })?;
+    if bytes.len() % 4 != 0 {
+        return Err(Rejection::new(
+            Reason::InvalidBase64,
+            format!(
+                "`{field}` decodes to {} bytes, not a whole number of f32 (4 bytes each)",
+                bytes.len()
+            ),
+        ));
+    }
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
+}
+
+/// Encodes f32 values as base64 of their little-endian bytes.
+pub fn encode_f32_b64(values: &[f32]) -> String {
+    let mut bytes = Vec::with_capacity(values.len() * 4);
+    for v in values {
+        bytes.extend_from_slice(&v.to_le_bytes());
+    }
+    B64.encode(bytes)
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Labels (in)
+
+/// A decoded label: which request, the outcome as `y ∈ [0, 1]` (1: a wins), and who gave it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LabelMsg {
+    pub request_id: String,
+    pub y: f64,
+    pub annotator_id: Option<String>,
+}
+
+/// `"a"` → 1, `"b"` → 0, `"tie"` → 0.5, or a probability that a wins.
+struct Outcome(f64);
+
+impl<'de> Deserialize<'de> for Outcome {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Outcome;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("\"a\", \"b\", \"tie\" or a probability in [0, 1]")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Outcome, E> {
+                match s {
+                    "a" => Ok(Outcome(1.0)),
+                    "b" => Ok(Outcome(0.0)),
+                    "tie" => Ok(Outcome(0.5)),
+                    _ => Err(E::custom(format_args!(
+                        "{MARK_OUTCOME}outcome {s:?} is not \"a\", \"b\", \"tie\" or a probability"
+                    ))),
+                }
+            }
+            fn visit_f64<E: de::Error>(self, y: f64) -> Result<Outcome, E> {
+                if y.is_finite() && (0.0..=1.0).contains(&y) {
+                    Ok(Outcome(y))
+                } else {
+                    Err(E::custom(format_args!(
+                        "{MARK_OUTCOME}outcome {y} is outside [0, 1]"
+                    )))
+                }
+            }
+            fn visit_u64<E: de::Error>(self, y: u64) -> Result<Outcome, E> {
+                self.visit_f64(y as f64)
+            }
+            fn visit_i64<E: de::Error>(self, y: i64) -> Result<Outcome, E> {
+                self.visit_f64(y as f64)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLabel {
+    schema: String,
+    request_id: String,
+    outcome: Outcome,
+    #[serde(default)]
+    annotator_id: Option<String>,
+    /// Accepted and ignored (annotation tools like to attach context).
+    #[serde(default)]
+    metadata: Option<Value>,
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Label requests (out)
+
+/// One side of a requested comparison.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestSide {
+    pub prompt_id: String,
+    pub response_id: String,
+    /// The response's metadata as it arrived (or absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Value>,
+    /// The raw embedding, base64 of little-endian f32. Lets a restarted daemon rebuild the pair from the
+    /// requests topic alone (see `daemon` module doc, "Recovery").
+    pub embedding_b64: String,
+}
+
+/// A comparison request for annotators: "which of a and b is better?".
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LabelRequest {
+    pub schema: String,
+    /// Deterministic and unique: `<instance>-<sequence>-<hash of instance, sequence and both response ids>`.
+    pub request_id: String,
+    pub instance_id: String,
+    pub sequence: u64,
+    pub a: RequestSide,
+    pub b: RequestSide,
+    pub strategy: String,
+    /// The score the strategy ranked this pair by (for `greedy-dopt`: the log-det gain in nats).
+    pub gain: f64,
+    /// Model's probability that a beats b when the request was issued.
+    pub predicted_p: f64,
+    pub model_version: u64,
+    /// How many labels (from distinct annotators) the request wants.
+    pub labels_wanted: u32,
+    /// Milliseconds since the Unix epoch.
+    pub issued_at_ms: i64,
+    /// Labels timestamped after this are rejected as `expired_request`.
+    pub expires_at_ms: i64,
+}
+
+/// Splits a request id into (instance, sequence) when it has armd's shape.
+pub fn parse_request_id(id: &str) -> Option<(&str, u64)> {
+    let (rest, hash) = id.rsplit_once('-')?;
+    if hash.len() != 16 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let (instance, seq) = rest.rsplit_once('-')?;
+    Some((instance, seq.parse().ok()?))
+}
+
+/// Builds the request id of `sequence` for the pair (`a`, `b`) (response ids): FNV-1a over the parts, so
+/// the id is stable across versions and platforms, and never the same for two different pairs issued with
+/// the same sequence number (e.g. a request lost in a crash before it was checkpointed).
+pub fn request_id(instance: &str, sequence: u64, a: &str, b: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in [
+        instance.as_bytes(),
+        &sequence.to_le_bytes(),
+        a.as_bytes(),
+        b.as_bytes(),
+    ] {
+        for &byte in part.iter().chain(std::iter::once(&0xffu8)) {
+            h ^= u64::from(byte);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    format!("{instance}-{sequence}-{h:016x}")
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Model snapshots (out)
+
+/// Running prequential scores in a snapshot.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PrequentialSummary {
+    pub labels: u64,
+    pub log_loss: Option<f64>,
+    pub accuracy: Option<f64>,
+}
+
+/// The posterior as published on the models topic and written next to the `.npy` export.
+///
+/// `reward(x) = x · weights + bias` scores a **raw** embedding when `weights` is present (scalings `none`
+/// and `standardize` fold into a linear head). For `l2` and `standardize+l2`, `weights` is absent and the
+/// user computes `z = (x − scaler_mean) · scaler_inv_std` (standardising scalings only), `z /= ‖z‖`, then
+/// `reward = z · theta`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelSnapshot {
+    pub schema: String,
+    pub instance_id: String,
+    pub version: u64,
+    pub labels_applied: u64,
+    pub labels_stored: u64,
+    pub dim: usize,
+    pub scaling: String,
+    /// θ in the scaled feature space.
+    pub theta: Vec<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights: Option<Vec<f64>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bias: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scaler_mean: Option<Vec<f64>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scaler_inv_std: Option<Vec<f64>>,
+    /// `log det H` of the posterior precision.
+    pub log_det: f64,
+    /// Diagonal of the precision `H` (in the scaled space).
+    pub precision_diagonal: Vec<f64>,
+    pub prequential: PrequentialSummary,
+    pub created_at_ms: i64,
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Dead letters (out)
+
+/// Where a rejected message came from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourcePosition {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// A rejected input message with the reason and its origin. The payload is kept as a string when it is
+/// UTF-8 and as base64 otherwise, truncated to a bound so a multi-megabyte input cannot make an oversized
+/// dead letter.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub schema: String,
+    pub reason: String,
+    pub detail: String,
+    pub source: SourcePosition,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload_b64: Option<String>,
+    /// Size of the original payload in bytes.
+    pub payload_bytes: usize,
+    pub payload_truncated: bool,
+    pub rejected_at_ms: i64,
+}
+
+impl DeadLetter {
+    pub fn new(
+        rejection: &Rejection,
+        source: SourcePosition,
+        payload: Option<&[u8]>,
+        max_payload_bytes: usize,
+        now_ms: i64,
+    ) -> Self {
+        let bytes = payload.unwrap_or(&[]);
+        let mut cut = bytes.len().min(max_payload_bytes);
+        let (text, b64) = match std::str::from_utf8(bytes) {
+            Ok(s) => {
+                while !s.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                (Some(s[..cut].to_string()), None)
+            }
+            Err(_) => (None, Some(B64.encode(&bytes[..cut]))),
+        };
+        Self {
+            schema: DEAD_LETTER_SCHEMA.to_string(),
+            reason: rejection.reason.code().to_string(),
+            detail: rejection.detail.clone(),
+            source,
+            payload: text,
+            payload_b64: b64,
+            payload_bytes: bytes.len(),
+            payload_truncated: cut < bytes.len(),
+            rejected_at_ms: now_ms,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const D: usize = 4;
+
+    fn dec() -> Decoder {
+        Decoder::new(D, 10_000)
+    }
+
+    fn resp(v: Value) -> Result<Response, Rejection> {
+        dec().response(Some(v.to_string().as_bytes()))
+    }
+
+    fn good() -> Value {
+        json!({"schema": RESPONSE_SCHEMA, "prompt_id": "p", "response_id": "r",
+               "embedding": [1.0, -2.5, 0.0, 3.25]})
+    }
+
+    fn reason_of(r: Result<impl fmt::Debug, Rejection>) -> Reason {
+        r.unwrap_err().reason
+    }
+
+    #[test]
+    fn response_json_array_and_base64_agree() {
+        let a = resp(good()).unwrap();
+        assert_eq!(a.embedding, vec![1.0, -2.5, 0.0, 3.25]);
+        let mut v = good();
+        v.as_object_mut().unwrap().remove("embedding");
+        v["embedding_b64"] = json!(encode_f32_b64(&[1.0, -2.5, 0.0, 3.25]));
+        v["metadata"] = json!({"model": "m1", "n": 3});
+        let b = resp(v).unwrap();
+        assert_eq!(a.embedding, b.embedding);
+        assert_eq!(b.metadata, Some(json!({"model": "m1", "n": 3})));
+        // Unpadded base64 is accepted too.
+        let s = encode_f32_b64(&[1.0, 2.0, 3.0, 4.5]);
+        let v = decode_f32_b64("x", s.trim_end_matches('=')).unwrap();
+        assert_eq!(v, vec![1.0, 2.0, 3.0, 4.5]);
+    }
+
+    #[test]
+    fn base64_round_trips_bit_for_bit() {
+        let vals = [f32::MIN_POSITIVE, -0.0, 1e-30, 123.456, f32::MAX];
+        let back = decode_f32_b64("x", &encode_f32_b64(&vals)).unwrap();
+        assert_eq!(
+            vals.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            back.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn every_response_reason_is_reachable() {
+        let d = dec();
+        assert_eq!(reason_of(d.response(None)), Reason::EmptyPayload);
+        assert_eq!(reason_of(d.response(Some(b""))), Reason::EmptyPayload);
+        let big = vec![b' '; 10_001];
+        assert_eq!(reason_of(d.response(Some(&big))), Reason::Oversized);
+        assert_eq!(
+            reason_of(d.response(Some(b"{\"schema\": \"\xff\"}"))),
+            Reason::InvalidUtf8
+        );
+        assert_eq!(
+            reason_of(d.response(Some(b"{\"schema\": "))),
+            Reason::InvalidJson
+        );
+        assert_eq!(reason_of(d.response(Some(b"[1,2]"))), Reason::InvalidJson);
+        assert_eq!(
+            reason_of(d.response(Some(b"{\"embedding\": [NaN]}"))),
+            Reason::InvalidJson
+        );
+        let mut v = good();
+        v["schema"] = json!("armd.response.v2");
+        assert_eq!(reason_of(resp(v)), Reason::UnsupportedSchema);
+        let mut v = good();
+        v.as_object_mut().unwrap().remove("prompt_id");
+        assert_eq!(reason_of(resp(v)), Reason::MissingField);
+        let mut v = good();
+        v.as_object_mut().unwrap().remove("embedding");
+        assert_eq!(reason_of(resp(v)), Reason::MissingField);
+        let mut v = good();
+        v["extra"] = json!(1);
+        assert_eq!(reason_of(resp(v)), Reason::UnknownField);
+        let mut v = good();
+        v["prompt_id"] = json!(7);
+        assert_eq!(reason_of(resp(v)), Reason::WrongType);
+        let mut v = good();
+        v["embedding"] = json!([1.0, "2", 3.0, 4.0]);
+        assert_eq!(reason_of(resp(v)), Reason::WrongType);
+        let mut v = good();
+        v["embedding"] = json!("not an array");
+        assert_eq!(reason_of(resp(v)), Reason::WrongType);
+        let mut v = good();
+        v["metadata"] = json!([1]);
+        assert_eq!(reason_of(resp(v)), Reason::WrongType);
+        let mut v = good();
+        v["response_id"] = json!("");
+        assert_eq!(reason_of(resp(v)), Reason::InvalidValue);
+        let mut v = good();
+        v["response_id"] = json!("x".repeat(MAX_ID_BYTES + 1));
+        assert_eq!(reason_of(resp(v)), Reason::InvalidValue);
+        let mut v = good();
+        v["embedding_b64"] = json!(encode_f32_b64(&[0.0; D]));
+        assert_eq!(reason_of(resp(v)), Reason::InvalidValue);
+        let mut v = good();
+        v.as_object_mut().unwrap().remove("embedding");
+        v["embedding_b64"] = json!("!!!not base64!!!");
+        assert_eq!(reason_of(resp(v.clone())), Reason::InvalidBase64);
+        v["embedding_b64"] = json!("AAAAAAA="); // 5 bytes
+        assert_eq!(reason_of(resp(v.clone())), Reason::InvalidBase64);
+        v["embedding_b64"] = json!(encode_f32_b64(&[1.0; D + 1]));
+        assert_eq!(reason_of(resp(v.clone())), Reason::WrongDimension);
+        v["embedding_b64"] = json!(encode_f32_b64(&[1.0, f32::NAN, 0.0, 0.0]));
+        assert_eq!(reason_of(resp(v.clone())), Reason::NonFinite);
+        v["embedding_b64"] = json!(encode_f32_b64(&[1.0, f32::INFINITY, 0.0, 0.0]));
+        assert_eq!(reason_of(resp(v)), Reason::NonFinite);
+        let mut v = good();
+        v["embedding"] = json!([1.0, 2.0]);
+        assert_eq!(reason_of(resp(v)), Reason::WrongDimension);
+        let mut v = good();
+        v["embedding"] = json!([1.0, 1e308, 0.0, 0.0]);
+        let r = resp(v).unwrap_err();
+        assert_eq!(r.reason, Reason::NonFinite);
+        assert!(r.detail.contains("embedding[1]"), "{}", r.detail);
+        let text = br#"{"schema":"armd.response.v1","prompt_id":"p","response_id":"r","embedding":[1e400,0,0,0]}"#;
+        assert_eq!(reason_of(d.response(Some(text))), Reason::NonFinite);
+    }
+
+    #[test]
+    fn rejection_details_name_the_field() {
+        let mut v = good();
+        v.as_object_mut().unwrap().remove("response_id");
+        let r = resp(v).unwrap_err();
+        assert!(r.detail.contains("response_id"), "{}", r.detail);
+        let mut v = good();
+        v["bogus"] = json!(true);
+        assert!(resp(v).unwrap_err().detail.contains("bogus"));
+    }
+
+    fn label(v: Value) -> Result<LabelMsg, Rejection> {
+        dec().label(Some(v.to_string().as_bytes()))
+    }
+
+    #[test]
+    fn labels_decode_outcomes() {
+        for (o, y) in [
+            (json!("a"), 1.0),
+            (json!("b"), 0.0),
+            (json!("tie"), 0.5),
+            (json!(0.25), 0.25),
+            (json!(1), 1.0),
+        ] {
+            let l = label(
+                json!({"schema": LABEL_SCHEMA, "request_id": "x-1-0123456789abcdef", "outcome": o}),
+            )
+            .unwrap();
+            assert_eq!(l.y, y);
+            assert_eq!(l.annotator_id, None);
+        }
+        let l = label(
+            json!({"schema": LABEL_SCHEMA, "request_id": "q", "outcome": "a",
+                             "annotator_id": "ann-7", "metadata": {"t": 1}}),
+        )
+        .unwrap();
+        assert_eq!(l.annotator_id.as_deref(), Some("ann-7"));
+    }
+
+    #[test]
+    fn every_label_decode_reason_is_reachable() {
+        let base = json!({"schema": LABEL_SCHEMA, "request_id": "q", "outcome": "a"});
+        let with = |k: &str, val: Value| {
+            let mut v = base.clone();
+            v[k] = val;
+            label(v)
+        };
+        assert_eq!(
+            reason_of(with("outcome", json!("c"))),
+            Reason::OutcomeOutOfRange
+        );
+        assert_eq!(
+            reason_of(with("outcome", json!(1.5))),
+            Reason::OutcomeOutOfRange
+        );
+        assert_eq!(
+            reason_of(with("outcome", json!(-1))),
+            Reason::OutcomeOutOfRange
+        );
+        assert_eq!(reason_of(with("outcome", json!(null))), Reason::WrongType);
+        assert_eq!(reason_of(with("outcome", json!([1]))), Reason::WrongType);
+        assert_eq!(
+            reason_of(with("request_id", json!(""))),
+            Reason::InvalidValue
+        );
+        assert_eq!(reason_of(with("annotator_id", json!(3))), Reason::WrongType);
+        assert_eq!(
+            reason_of(with("schema", json!("armd.label.v0"))),
+            Reason::UnsupportedSchema
+        );
+        assert_eq!(reason_of(with("more", json!(0))), Reason::UnknownField);
+        let mut v = base.clone();
+        v.as_object_mut().unwrap().remove("outcome");
+        assert_eq!(reason_of(label(v)), Reason::MissingField);
+        assert_eq!(
+            reason_of(dec().label(Some(b"{\"schema\":"))),
+            Reason::InvalidJson
+        );
+        assert_eq!(
+            reason_of(dec().label(Some(b"\xc3\x28"))),
+            Reason::InvalidUtf8
+        );
+        assert_eq!(reason_of(dec().label(None)), Reason::EmptyPayload);
+        let big = vec![b'{'; 20_000];
+        assert_eq!(reason_of(dec().label(Some(&big))), Reason::Oversized);
+    }
+
+    #[test]
+    fn reason_codes_are_unique_snake_case() {
+        let mut seen = std::collections::HashSet::new();
+        for r in Reason::ALL {
+            let c = r.code();
+            assert!(
+                c.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
+                "{c}"
+            );
+            assert!(seen.insert(c), "{c}");
+        }
+        for r in Reason::RESPONSE.iter().chain(&Reason::LABEL) {
+            assert!(Reason::ALL.contains(r));
+        }
+    }
+
+    #[test]
+    fn request_ids_are_deterministic_parseable_and_pair_specific() {
+        let a = request_id("armd-0", 17, "r1", "r2");
+        assert_eq!(a, request_id("armd-0", 17, "r1", "r2"));
+        assert_ne!(a, request_id("armd-0", 17, "r1", "r3"));
+        assert_ne!(a, request_id("armd-0", 18, "r1", "r2"));
+        assert_ne!(a, request_id("armd-1", 17, "r1", "r2"));
+        // Part boundaries matter: ("ab", "c") is not ("a", "bc").
+        assert_ne!(request_id("i", 1, "ab", "c"), request_id("i", 1, "a", "bc"));
+        assert_eq!(parse_request_id(&a), Some(("armd-0", 17)));
+        assert_eq!(parse_request_id("nonsense"), None);
+        assert_eq!(parse_request_id("a-b-c"), None);
+    }
+
+    #[test]
+    fn request_round_trips_through_json() {
+        let side = |r: &str| RequestSide {
+            prompt_id: "p".into(),
+            response_id: r.into(),
+            metadata: Some(json!({"k": 1})),
+            embedding_b64: encode_f32_b64(&[1.0, 2.0]),
+        };
+        let req = LabelRequest {
+            schema: REQUEST_SCHEMA.into(),
+            request_id: request_id("i", 0, "a", "b"),
+            instance_id: "i".into(),
+            sequence: 0,
+            a: side("a"),
+            b: side("b"),
+            strategy: "greedy-dopt".into(),
+            gain: 0.5,
+            predicted_p: 0.4,
+            model_version: 3,
+            labels_wanted: 1,
+            issued_at_ms: 1,
+            expires_at_ms: 2,
+        };
+        let text = serde_json::to_string(&req).unwrap();
+        assert_eq!(serde_json::from_str::<LabelRequest>(&text).unwrap(), req);
+    }
+
+    #[test]
+    fn dead_letters_keep_text_or_base64_and_truncate() {
+        let src = SourcePosition {
+            topic: "t".into(),
+            partition: 2,
+            offset: 9,
+        };
+        let rej = Rejection::new(Reason::InvalidJson, "bad");
+        let dl = DeadLetter::new(&rej, src.clone(), Some(b"{oops"), 100, 5);
+        assert_eq!(dl.payload.as_deref(), Some("{oops"));
+        assert_eq!(dl.reason, "invalid_json");
+        assert!(!dl.payload_truncated);
+        let dl = DeadLetter::new(&rej, src.clone(), Some(b"\xff\xfe"), 100, 5);
+        assert_eq!(dl.payload_b64.as_deref(), Some("//4="));
+        let long = "é".repeat(100);
+        let dl = DeadLetter::new(&rej, src, Some(long.as_bytes()), 51, 5);
+        assert!(dl.payload_truncated && dl.payload.as_ref().unwrap().len() == 50);
+        assert_eq!(dl.payload_bytes, 200);
+    }
+}

@@ -1,0 +1,288 @@
+//! `armd run`: the Kafka daemon.
+//!
+//! ```text
+//! responses ─► ingest thread ─(decode)─► ┐                         ┌─► requests topic
+//!                       └─► dead letters │ bounded channel          │
+//! labels ────► labels thread ─(decode)─► ┴─► engine thread ─────────┼─► models topic, model.npy/json
+//!                                            (pool, posterior,      ├─► dead letters
+//!                                             selection, refits)    └─► checkpoint file
+//! HTTP (tokio): /metrics /healthz /readyz
+//! ```
+//!
+//! Modules:
+//! - [`config`]: TOML + `ARMD__SECTION__KEY` overrides → validated [`config::Config`].
+//! - [`messages`]: wire schemas (`armd.<kind>.v1`) and decoders with stable rejection reasons.
+//! - [`engine`]: the single owner of model state (pool, in-flight requests, posterior, refits); pure logic.
+//! - [`pool`]: the bounded candidate pool.
+//! - [`checkpoint`]: the atomic, versioned, checksummed state file; exactly-once for labels.
+//! - [`export`]: `.npy` + JSON model files.
+//! - [`kafka`], [`ingest`], [`labels`], [`recovery`], [`driver`]: thin Kafka I/O around the engine.
+//! - [`http`], [`telemetry`]: the HTTP endpoints, the metric catalogue and logging.
+//!
+//! **Exactly-once labels.** The labels consumer has no group management; its positions are stored in the
+//! same atomic checkpoint as the posterior they produced, and on start it is assigned at exactly those
+//! positions. Each label message advances its partition's position in the engine whether it is applied
+//! or rejected. Whatever happens between two checkpoints (crash, `kill -9`) is replayed from the topic
+//! onto the checkpointed posterior, and replay is deterministic: label expiry is judged from the label's
+//! Kafka timestamp and refits snapshot at fixed label counts (see [`engine`]).
+//!
+//! **Recovery of in-flight requests**: see [`recovery`].
+//!
+//! **Several instances.** Each instance needs its own `daemon.instance_id` and `checkpoint.path`. They
+//! share the responses consumer group, so each instance pools (and selects from) its own share of the
+//! responses partitions. Every instance reads *all* labels partitions, applies the labels of its own
+//! requests (request ids carry the instance id) and skips others' (`armd_labels_foreign_total`), so
+//! each instance's posterior learns from the labels of the pairs it chose. (A shared replica of one
+//! posterior would need every instance to also tail the requests topic; not implemented.)
+//!
+//! **Shutdown** (the future passed to [`run`] resolves, e.g. on SIGTERM/SIGINT): `/readyz` turns 503,
+//! the consumers stop fetching, the engine drains what they delivered, exports the model, flushes the
+//! producer, writes the final checkpoint and commits, then `run` returns `Ok(())`.
+
+pub mod checkpoint;
+pub mod config;
+pub mod driver;
+pub mod engine;
+pub mod export;
+pub mod http;
+pub mod ingest;
+pub mod kafka;
+pub mod labels;
+pub mod messages;
+pub mod pool;
+pub mod recovery;
+pub mod telemetry;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::sync_channel;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context as _, Result};
+use tokio::net::TcpListener;
+
+use self::checkpoint::Checkpoint;
+use self::config::Config;
+use self::driver::Driver;
+use self::engine::Engine;
+use self::kafka::{Health, Publisher};
+use self::telemetry::Telemetry;
+
+/// Depth of the channel from the consumer threads to the engine thread.
+const INPUT_QUEUE: usize = 8192;
+
+/// Binds `http.listen` and runs the daemon until `shutdown` resolves.
+pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
+    let listener = TcpListener::bind(cfg.http.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (http.listen)", cfg.http.listen))?;
+    run_with_listener(cfg, listener, shutdown).await
+}
+
+/// Runs the daemon with an already bound HTTP listener (tests bind `127.0.0.1:0`).
+pub async fn run_with_listener(
+    cfg: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    let cfg = Arc::new(cfg);
+    let telemetry = Telemetry::new();
+    let metrics = telemetry.metrics.clone();
+    let health = Arc::new(Health::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let addr = listener.local_addr()?;
+
+    let (http_stop_tx, http_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let http = tokio::spawn(http::serve(
+        listener,
+        telemetry.handle(),
+        health.clone(),
+        async move {
+            let _ = http_stop_rx.await;
+        },
+    ));
+    tracing::info!(%addr, "http listening (/metrics, /healthz, /readyz)");
+
+    let mut shutdown = std::pin::pin!(shutdown);
+    // Start-up runs on a blocking thread (file and broker I/O); a shutdown request interrupts it.
+    let startup = {
+        let (cfg, metrics, health, stop) =
+            (cfg.clone(), metrics.clone(), health.clone(), stop.clone());
+        tokio::task::spawn_blocking(move || start(cfg, metrics, health, stop))
+    };
+    let mut startup = std::pin::pin!(startup);
+    let started = tokio::select! {
+        r = &mut startup => Some(r.context("start-up task panicked")?),
+        () = &mut shutdown => None,
+    };
+    let parts = match started {
+        Some(r) => r,
+        None => {
+            tracing::info!("shutdown requested during start-up");
+            stop.store(true, Ordering::Relaxed);
+            health.shutting_down.store(true, Ordering::Relaxed);
+            // Let start-up notice the stop flag; its result no longer matters unless it failed oddly.
+            let _ = startup.await;
+            let _ = http_stop_tx.send(());
+            let _ = http.await;
+            return Ok(());
+        }
+    };
+    let parts = match parts {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = http_stop_tx.send(());
+            let _ = http.await;
+            return Err(e);
+        }
+    };
+    health.started.store(true, Ordering::Relaxed);
+    tracing::info!(
+        labels_applied = parts.driver.engine.posterior().labels_applied(),
+        "armd running"
+    );
+
+    let Started {
+        driver,
+        ingest,
+        labels,
+    } = parts;
+    let engine_thread = std::thread::Builder::new()
+        .name("armd-engine".into())
+        .spawn(move || driver.run())
+        .context("cannot start the engine thread")?;
+
+    shutdown.await;
+    tracing::info!("shutting down: stopping consumers, finishing the round, checkpointing");
+    health.shutting_down.store(true, Ordering::Relaxed);
+    stop.store(true, Ordering::Relaxed);
+    let joined = tokio::task::spawn_blocking(move || {
+        let _ = ingest.join();
+        let _ = labels.join();
+        engine_thread.join()
+    })
+    .await
+    .context("shutdown task panicked")?;
+    let _ = http_stop_tx.send(());
+    let _ = http.await;
+    // Keep the registry alive until the HTTP server is gone.
+    drop(telemetry);
+    match joined {
+        Ok(result) => result,
+        Err(_) => anyhow::bail!("the engine thread panicked"),
+    }
+}
+
+struct Started {
+    driver: Driver,
+    ingest: std::thread::JoinHandle<()>,
+    labels: std::thread::JoinHandle<()>,
+}
+
+/// Loads the checkpoint, connects to Kafka, recovers requests, positions the labels consumer and starts
+/// the consumer threads (blocking).
+fn start(
+    cfg: Arc<Config>,
+    metrics: Arc<telemetry::Metrics>,
+    health: Arc<Health>,
+    stop: Arc<AtomicBool>,
+) -> Result<Started> {
+    let path = &cfg.checkpoint.path;
+    let checkpoint = Checkpoint::read(path)?;
+    let fresh = checkpoint.is_none();
+    match &checkpoint {
+        Some(c) => tracing::info!(
+            path = %path.display(),
+            labels_applied = c.posterior.labels_applied,
+            in_flight = c.in_flight.len(),
+            "checkpoint loaded"
+        ),
+        None => tracing::info!(path = %path.display(), "no checkpoint; starting from the prior"),
+    }
+    let mut engine = Engine::new(cfg.clone(), metrics.clone(), checkpoint).with_context(|| {
+        format!(
+            "checkpoint {} does not fit this configuration",
+            path.display()
+        )
+    })?;
+    health.model_loaded.store(true, Ordering::Relaxed);
+
+    let publisher = Arc::new(Publisher::new(&cfg, health.clone(), metrics.clone())?);
+    let labels_consumer = Arc::new(labels::consumer(&cfg, health.clone(), metrics.clone())?);
+    let timeout = cfg.kafka.startup_timeout;
+    let label_parts =
+        recovery::wait_for_partitions(&labels_consumer, &cfg.kafka.topics.labels, timeout, &stop)?;
+    let recovered = recovery::recover_requests(
+        &cfg,
+        &mut engine,
+        &labels_consumer,
+        &health,
+        &metrics,
+        &stop,
+    )?;
+    if recovered > 0 {
+        tracing::info!(
+            recovered,
+            "requests issued after the checkpoint recovered from the requests topic"
+        );
+    }
+    // Labels partitions the checkpoint does not know: on a fresh start, older labels cannot belong to our
+    // requests, so start at the end; a partition added later starts at its beginning.
+    let marks = recovery::watermarks(
+        &labels_consumer,
+        &cfg.kafka.topics.labels,
+        &label_parts,
+        timeout,
+    )?;
+    for (&p, &(lo, hi)) in &marks {
+        engine.init_label_offset(p, if fresh { hi } else { lo });
+    }
+    labels::assign(
+        &labels_consumer,
+        &cfg.kafka.topics.labels,
+        engine.label_offsets(),
+    )?;
+    if fresh || recovered > 0 {
+        // Pin the start positions (fresh) or the recovered requests before anything else happens.
+        let ck = engine.checkpoint(driver::now_ms());
+        ck.write(path)?;
+    }
+    let responses_consumer = ingest::consumer(&cfg, health.clone(), metrics.clone())?;
+
+    let (tx, rx) = sync_channel(INPUT_QUEUE);
+    let ingest = {
+        let (cfg, tx, publisher, metrics, stop) = (
+            cfg.clone(),
+            tx.clone(),
+            publisher.clone(),
+            metrics.clone(),
+            stop.clone(),
+        );
+        std::thread::Builder::new()
+            .name("armd-responses".into())
+            .spawn(move || ingest::run(cfg, responses_consumer, tx, publisher, metrics, stop))
+            .context("cannot start the responses thread")?
+    };
+    let labels_thread = {
+        let (cfg, consumer, stop) = (cfg.clone(), labels_consumer.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("armd-labels".into())
+            .spawn(move || labels::run(cfg, consumer, tx, stop))
+            .context("cannot start the labels thread")?
+    };
+    Ok(Started {
+        driver: Driver {
+            cfg,
+            engine,
+            rx,
+            publisher,
+            labels: labels_consumer,
+            metrics,
+            stop,
+            last_checkpoint: Instant::now(),
+        },
+        ingest,
+        labels: labels_thread,
+    })
+}

@@ -1,0 +1,175 @@
+//! The candidate pool: recently received responses, grouped by prompt, that selection may pair up.
+//!
+//! Bounded three ways: `pool.capacity` (the oldest response is evicted when a new one arrives at a full
+//! pool), `pool.ttl_secs` (a response leaves when older than that) and `pool.max_uses` (a response leaves
+//! once it appeared in that many requests). The pool is soft state: it is not checkpointed, because
+//! responses are plentiful and cheap to lose, while checkpointing d floats per pooled response would
+//! dominate the checkpoint size.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use serde_json::Value;
+
+/// One pooled response.
+#[derive(Clone, Debug)]
+pub struct PoolEntry {
+    pub prompt_id: Arc<str>,
+    pub response_id: Arc<str>,
+    /// As received (needed for requests, which carry raw embeddings).
+    pub raw: Vec<f32>,
+    /// Scaled with the frozen scaler; `None` while the scaler warms up.
+    pub scaled: Option<Vec<f64>>,
+    pub metadata: Option<Value>,
+    /// Milliseconds since the epoch when the response (first) entered the pool.
+    pub arrived_ms: i64,
+    pub uses: u32,
+}
+
+/// Why responses left the pool, for metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Evicted {
+    pub capacity: u64,
+    pub ttl: u64,
+}
+
+/// Insertion-ordered, bounded map of responses keyed by (prompt id, response id).
+#[derive(Debug)]
+pub struct Pool {
+    capacity: usize,
+    ttl_ms: i64,
+    entries: BTreeMap<u64, PoolEntry>,
+    index: HashMap<(Arc<str>, Arc<str>), u64>,
+    next_slot: u64,
+}
+
+impl Pool {
+    pub fn new(capacity: usize, ttl_ms: i64) -> Self {
+        Self {
+            capacity,
+            ttl_ms,
+            entries: BTreeMap::new(),
+            index: HashMap::new(),
+            next_slot: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn contains(&self, prompt_id: &str, response_id: &str) -> bool {
+        self.index
+            .contains_key(&(Arc::from(prompt_id), Arc::from(response_id)))
+    }
+
+    /// Adds a response; returns `false` (and changes nothing) when it is already pooled. Evicts the oldest
+    /// entries when full.
+    pub fn insert(&mut self, entry: PoolEntry, evicted: &mut Evicted) -> bool {
+        let key = (entry.prompt_id.clone(), entry.response_id.clone());
+        if self.index.contains_key(&key) {
+            return false;
+        }
+        while self.entries.len() >= self.capacity {
+            if let Some((&slot, _)) = self.entries.iter().next() {
+                self.remove(slot);
+                evicted.capacity += 1;
+            }
+        }
+        let slot = self.next_slot;
+        self.next_slot += 1;
+        self.index.insert(key, slot);
+        self.entries.insert(slot, entry);
+        true
+    }
+
+    pub fn remove(&mut self, slot: u64) -> Option<PoolEntry> {
+        let e = self.entries.remove(&slot)?;
+        self.index
+            .remove(&(e.prompt_id.clone(), e.response_id.clone()));
+        Some(e)
+    }
+
+    /// Drops responses older than the TTL.
+    pub fn purge_expired(&mut self, now_ms: i64, evicted: &mut Evicted) {
+        let stale: Vec<u64> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| now_ms - e.arrived_ms > self.ttl_ms)
+            .map(|(&s, _)| s)
+            .collect();
+        for s in stale {
+            self.remove(s);
+            evicted.ttl += 1;
+        }
+    }
+
+    /// Whether an entry that arrived at `arrived_ms` would still be young enough to pool at `now_ms`.
+    pub fn is_fresh(&self, arrived_ms: i64, now_ms: i64) -> bool {
+        now_ms - arrived_ms <= self.ttl_ms
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (u64, &PoolEntry)> {
+        self.entries.iter().map(|(&s, e)| (s, e))
+    }
+
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut PoolEntry> {
+        self.entries.values_mut()
+    }
+
+    pub fn get(&self, slot: u64) -> Option<&PoolEntry> {
+        self.entries.get(&slot)
+    }
+
+    pub fn get_mut(&mut self, slot: u64) -> Option<&mut PoolEntry> {
+        self.entries.get_mut(&slot)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(p: &str, r: &str, t: i64) -> PoolEntry {
+        PoolEntry {
+            prompt_id: p.into(),
+            response_id: r.into(),
+            raw: vec![0.0],
+            scaled: None,
+            metadata: None,
+            arrived_ms: t,
+            uses: 0,
+        }
+    }
+
+    #[test]
+    fn capacity_evicts_oldest_and_duplicates_are_ignored() {
+        let mut pool = Pool::new(3, 1000);
+        let mut ev = Evicted::default();
+        for (i, r) in ["a", "b", "c"].iter().enumerate() {
+            assert!(pool.insert(entry("p", r, i as i64), &mut ev));
+        }
+        assert!(!pool.insert(entry("p", "a", 9), &mut ev));
+        assert!(pool.insert(entry("q", "a", 9), &mut ev)); // other prompt, same response id
+        assert_eq!(pool.len(), 3);
+        assert_eq!(ev.capacity, 1);
+        assert!(!pool.contains("p", "a") && pool.contains("q", "a") && pool.contains("p", "c"));
+    }
+
+    #[test]
+    fn ttl_purges_old_entries() {
+        let mut pool = Pool::new(10, 100);
+        let mut ev = Evicted::default();
+        pool.insert(entry("p", "a", 0), &mut ev);
+        pool.insert(entry("p", "b", 50), &mut ev);
+        pool.purge_expired(120, &mut ev);
+        assert_eq!(pool.len(), 1);
+        assert_eq!(ev.ttl, 1);
+        assert!(pool.contains("p", "b"));
+        assert!(!pool.is_fresh(0, 101) && pool.is_fresh(0, 100));
+    }
+}
