@@ -29,9 +29,23 @@ use crate::linalg::{self, cholesky_lower, dot, sigmoid, solve_lower};
 /// `Σ_pairs w·(x_a − x_b)(x_a − x_b)ᵀ` (lower triangle) added into `acc`, via the graph Laplacian.
 pub fn add_pair_gram_lower(acc: &mut Mat<f64>, x: MatRef<'_, f64>, pairs: &[Pair], w: &[f64]) {
     let (d, n) = (x.nrows(), x.ncols());
+    let owned;
+    let x = match x.try_as_col_major() {
+        Some(_) => x,
+        None => {
+            owned = x.to_owned();
+            owned.as_ref()
+        }
+    };
+    let col = |j: usize| -> &[f64] {
+        x.col(j)
+            .try_as_col_major()
+            .expect("column-major")
+            .as_slice()
+    };
     // Y = X·Lap, filled row-block by row-block in parallel (rows are independent; X is column-major so a
-    // row block of a column is a contiguous slice).
-    const ROWS: usize = 128;
+    // row block of a column is a contiguous slice and the inner loop vectorises).
+    const ROWS: usize = 256;
     let mut y = Mat::<f64>::zeros(d, n);
     let blocks: Vec<(usize, Vec<f64>)> = (0..d.div_ceil(ROWS))
         .into_par_iter()
@@ -40,11 +54,21 @@ pub fn add_pair_gram_lower(acc: &mut Mat<f64>, x: MatRef<'_, f64>, pairs: &[Pair
             let rows = ROWS.min(d - r0);
             let mut out = vec![0.0; rows * n];
             for (p, &wi) in pairs.iter().zip(w) {
-                let (a, b) = (p.a as usize, p.b as usize);
+                // The Laplacian term is symmetric in (a, b); a self-pair contributes nothing.
+                let (a, b) = match p.a.cmp(&p.b) {
+                    Ordering::Less => (p.a as usize, p.b as usize),
+                    Ordering::Greater => (p.b as usize, p.a as usize),
+                    Ordering::Equal => continue,
+                };
+                let xa = &col(a)[r0..r0 + rows];
+                let xb = &col(b)[r0..r0 + rows];
+                let (lo, hi) = out.split_at_mut(b * rows);
+                let ya = &mut lo[a * rows..a * rows + rows];
+                let yb = &mut hi[..rows];
                 for r in 0..rows {
-                    let diff = wi * (x[(r0 + r, a)] - x[(r0 + r, b)]);
-                    out[a * rows + r] += diff;
-                    out[b * rows + r] -= diff;
+                    let diff = wi * (xa[r] - xb[r]);
+                    ya[r] += diff;
+                    yb[r] -= diff;
                 }
             }
             (r0, out)

@@ -17,6 +17,9 @@
 //! | `past-aware-dopt` | same with `M = H + Σ_pool w vvᵀ + εI` (the paper) |
 //! | `greedy-dopt` | exact greedy maximiser of `log det(H + Σ_in-flight + Σ_batch)` with lazy evaluation |
 
+pub mod bald;
+pub mod baselines;
+pub mod coreset;
 pub mod dopt;
 pub mod scoring;
 
@@ -364,17 +367,17 @@ pub fn select(
     if round.is_empty() || input.k == 0 {
         return Ok(Vec::new());
     }
-    let _ = rng;
     match kind {
+        StrategyKind::Random => Ok(baselines::random(&mut round, rng)),
+        StrategyKind::Entropy => Ok(baselines::entropy(&mut round)),
+        StrategyKind::MaxDiff => Ok(baselines::max_diff(&mut round)),
         StrategyKind::Xtx => dopt::xtx(&mut round, params),
+        StrategyKind::Coreset => coreset::coreset(&mut round, params, rng),
+        StrategyKind::Bald => Ok(bald::bald(&mut round, params)),
+        StrategyKind::BatchBald => bald::batch_bald(&mut round, params, rng),
         StrategyKind::Dopt => dopt::dopt(&mut round, params, false),
         StrategyKind::PastAwareDopt => dopt::dopt(&mut round, params, true),
         StrategyKind::GreedyDopt => dopt::greedy(&mut round, dopt::Evaluation::Lazy),
-        other => Err(CoreError::UnknownName {
-            what: "strategy (not yet wired)",
-            name: other.name().to_string(),
-            expected: STRATEGY_NAMES,
-        }),
     }
 }
 

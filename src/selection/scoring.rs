@@ -17,19 +17,30 @@ pub const TILE: usize = 64;
 /// Below this many pairs in a tile, direct dot products beat a tile-sized matrix product.
 const DENSE_TILE_PAIRS: usize = TILE * TILE / 10;
 
+/// Column `j` as a slice, for vectorisable inner loops (the pool matrices here are column-major).
+fn col(z: MatRef<'_, f64>, j: usize) -> &[f64] {
+    z.col(j)
+        .try_as_col_major()
+        .expect("pool matrices are column-major")
+        .as_slice()
+}
+
 /// Squared Euclidean column norms of a d×N matrix.
 pub fn column_sq_norms(z: MatRef<'_, f64>) -> Vec<f64> {
+    if z.try_as_col_major().is_none() {
+        return column_sq_norms(z.to_owned().as_ref());
+    }
     (0..z.ncols())
         .into_par_iter()
-        .map(|j| {
-            let c = z.col(j);
-            (0..z.nrows()).map(|i| c[i] * c[i]).sum()
-        })
+        .map(|j| col(z, j).iter().map(|x| x * x).sum())
         .collect()
 }
 
 /// `‖z_a − z_b‖²` for every pair, computed tile by tile (see the module doc).
 pub fn pair_sq_distances(z: MatRef<'_, f64>, norms: &[f64], pairs: &[Pair]) -> Vec<f64> {
+    if z.try_as_col_major().is_none() {
+        return pair_sq_distances(z.to_owned().as_ref(), norms, pairs);
+    }
     let mut order: Vec<u32> = (0..pairs.len() as u32).collect();
     let key = |p: &Pair| ((p.a as u64 / TILE as u64) << 32) | (p.b as u64 / TILE as u64);
     order.sort_unstable_by_key(|&i| key(&pairs[i as usize]));
@@ -43,7 +54,6 @@ pub fn pair_sq_distances(z: MatRef<'_, f64>, norms: &[f64], pairs: &[Pair]) -> V
             start = i;
         }
     }
-    let d = z.nrows();
     let n = z.ncols();
     let results: Vec<Vec<(u32, f64)>> = runs
         .into_par_iter()
@@ -77,8 +87,8 @@ pub fn pair_sq_distances(z: MatRef<'_, f64>, norms: &[f64], pairs: &[Pair]) -> V
                 idx.iter()
                     .map(|&i| {
                         let p = pairs[i as usize];
-                        let (ca, cb) = (z.col(p.a as usize), z.col(p.b as usize));
-                        let s: f64 = (0..d).map(|r| (ca[r] - cb[r]) * (ca[r] - cb[r])).sum();
+                        let (ca, cb) = (col(z, p.a as usize), col(z, p.b as usize));
+                        let s: f64 = ca.iter().zip(cb).map(|(x, y)| (x - y) * (x - y)).sum();
                         (i, s)
                     })
                     .collect()
@@ -103,12 +113,12 @@ pub fn whiten(l: MatRef<'_, f64>, x: MatRef<'_, f64>) -> Mat<f64> {
 
 /// Per-response predicted reward `θᵀx_i`.
 pub fn rewards(theta: &[f64], x: MatRef<'_, f64>) -> Vec<f64> {
+    if x.try_as_col_major().is_none() {
+        return rewards(theta, x.to_owned().as_ref());
+    }
     (0..x.ncols())
         .into_par_iter()
-        .map(|j| {
-            let c = x.col(j);
-            theta.iter().enumerate().map(|(i, t)| t * c[i]).sum()
-        })
+        .map(|j| crate::linalg::dot(theta, col(x, j)))
         .collect()
 }
 
