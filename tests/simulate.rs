@@ -242,3 +242,52 @@ fn bad_inputs_end_with_an_error_naming_the_file_or_key() {
     let e = error_of(c);
     assert!(e.contains("protocol.candidates"), "{e}");
 }
+
+/// The claim armd is built on, on the synthetic generator: D-optimal selection learns the reward faster
+/// per label than random labelling. 12 seeds (common random numbers), d = 48, 600 responses, 10 seed labels
+/// + 8 rounds × 10 pairs, cross-prompt candidates.
+///
+/// Measured with this exact configuration (mean final 1 − Spearman over the 12 seeds): random 0.488,
+/// past-aware-dopt 0.396, greedy-dopt 0.356 — gaps of 0.092 and 0.132 (seed-to-seed sd ≈ 0.06–0.10, so
+/// the standard error of a 12-seed mean is ≈ 0.02–0.03). The test asks for about two thirds of the
+/// measured gaps: greedy-dopt ≥ 0.08 better than random, past-aware-dopt ≥ 0.05 better.
+#[test]
+fn dopt_strategies_beat_random_at_the_same_label_budget() {
+    let out = tempfile::tempdir().unwrap();
+    let mut c = SimulateConfig {
+        out_dir: out.path().to_path_buf(),
+        strategies: vec![
+            "random".into(),
+            "past-aware-dopt".into(),
+            "greedy-dopt".into(),
+        ],
+        seeds: (0..12).collect(),
+        ..Default::default()
+    };
+    c.synthetic.n_prompts = 100;
+    c.synthetic.responses_per_prompt = 6;
+    c.synthetic.dim = 48;
+    c.synthetic.latent_dim = 16;
+    c.protocol.rounds = 8;
+    c.protocol.k = 10;
+    c.protocol.prompts_per_round = 40;
+    c.protocol.seed_labels = 10;
+    c.output.plots = false;
+    let s = simulate::run(c, false).unwrap();
+    use armd::selection::StrategyKind::*;
+    let last = |k| {
+        let r = s.row(k).unwrap();
+        assert_eq!(r.final_labels, 90.0);
+        r.final_one_minus_spearman.unwrap().mean
+    };
+    let (random, past, greedy) = (last(Random), last(PastAwareDopt), last(GreedyDopt));
+    eprintln!("final 1 − Spearman: random {random:.4}, past-aware-dopt {past:.4}, greedy-dopt {greedy:.4}");
+    assert!(
+        random - greedy >= 0.08,
+        "greedy-dopt {greedy} vs random {random}"
+    );
+    assert!(
+        random - past >= 0.05,
+        "past-aware-dopt {past} vs random {random}"
+    );
+}
