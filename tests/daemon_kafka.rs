@@ -60,6 +60,27 @@ impl InProcess {
     }
 }
 
+impl InProcess {
+    /// Waits for /readyz; if the daemon stopped instead, fails with its error.
+    fn wait_ready(self, timeout: Duration) -> Self {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some((200, _)) = get(&format!("{}/readyz", self.base)) {
+                return self;
+            }
+            if self.handle.is_finished() {
+                let r = self.rt.block_on(self.handle).expect("daemon task");
+                panic!("daemon stopped during start-up: {r:?}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "daemon not ready within {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
 fn wait_ready(base: &str, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     loop {
@@ -108,8 +129,7 @@ fn daemon_learns_from_annotators_dead_letters_bad_input_and_resumes_after_restar
     let train = world.prompts(50, 6);
     let test = world.prompts(40, 6);
 
-    let d = start_in_process(cfg.clone());
-    wait_ready(&d.base, Duration::from_secs(60));
+    let d = start_in_process(cfg.clone()).wait_ready(Duration::from_secs(60));
     send_responses(b, &t.responses, &train);
     let p = producer(b);
     send(
@@ -181,8 +201,7 @@ fn daemon_learns_from_annotators_dead_letters_bad_input_and_resumes_after_restar
         .expect("final checkpoint");
     let applied_before = ck.posterior.labels_applied;
     assert!(applied_before >= 60);
-    let d = start_in_process(cfg.clone());
-    wait_ready(&d.base, Duration::from_secs(60));
+    let d = start_in_process(cfg.clone()).wait_ready(Duration::from_secs(60));
     let text = wait_metric(
         &d.base,
         "armd_model_labels_applied",

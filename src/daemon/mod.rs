@@ -234,6 +234,7 @@ fn start(
         &cfg.kafka.topics.labels,
         &label_parts,
         timeout,
+        &stop,
     )?;
     for (&p, &(lo, hi)) in &marks {
         engine.init_label_offset(p, if fresh { hi } else { lo });

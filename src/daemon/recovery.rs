@@ -59,22 +59,40 @@ pub fn wait_for_partitions(
     }
 }
 
-/// Low and high watermarks of every partition.
+/// Low and high watermarks of every partition, retrying transient errors (e.g. a topic created a moment
+/// ago whose leader is not elected yet, or a broker outage) until `stop` is set.
 pub fn watermarks(
     consumer: &BaseConsumer<Context>,
     topic: &str,
     partitions: &[i32],
     timeout: Duration,
+    stop: &AtomicBool,
 ) -> Result<BTreeMap<i32, (i64, i64)>> {
-    partitions
-        .iter()
-        .map(|&p| {
-            consumer
-                .fetch_watermarks(topic, p, timeout)
-                .map(|w| (p, w))
-                .map_err(|e| anyhow::anyhow!("watermarks of {topic}[{p}]: {e}"))
-        })
-        .collect()
+    let mut last_log: Option<Instant> = None;
+    loop {
+        let r: Result<BTreeMap<i32, (i64, i64)>> = partitions
+            .iter()
+            .map(|&p| {
+                consumer
+                    .fetch_watermarks(topic, p, timeout)
+                    .map(|w| (p, w))
+                    .map_err(|e| anyhow::anyhow!("watermarks of {topic}[{p}]: {e}"))
+            })
+            .collect();
+        match r {
+            Ok(m) => return Ok(m),
+            Err(e) => {
+                if stop.load(Ordering::Relaxed) {
+                    return Err(e.context("shutdown requested"));
+                }
+                if last_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                    last_log = Some(Instant::now());
+                    tracing::warn!(error = %e, "waiting for Kafka");
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        }
+    }
 }
 
 /// Reads the requests topic from the engine's scan offsets to the current end and registers our requests
@@ -90,7 +108,7 @@ pub fn recover_requests(
     let topic = &cfg.kafka.topics.requests;
     let timeout = cfg.kafka.startup_timeout;
     let partitions = wait_for_partitions(consumer, topic, timeout, stop)?;
-    let marks = watermarks(consumer, topic, &partitions, timeout)?;
+    let marks = watermarks(consumer, topic, &partitions, timeout, stop)?;
     let mut tpl = TopicPartitionList::new();
     let mut remaining: BTreeMap<i32, i64> = BTreeMap::new();
     for (&p, &(lo, hi)) in &marks {

@@ -63,8 +63,14 @@ impl Drop for Broker {
     }
 }
 
-/// `ARMD_TEST_BROKERS`, or a broker started with `.ci/kafka.sh start`.
+/// `ARMD_TEST_BROKERS`, or a broker started with `.ci/kafka.sh start`. Also installs a log subscriber
+/// whose output the test harness shows for failing tests (`RUST_LOG` overrides the filter).
 pub fn broker() -> Broker {
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "armd=info,warn".into());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_test_writer()
+        .try_init();
     if let Ok(b) = std::env::var("ARMD_TEST_BROKERS") {
         if !b.is_empty() {
             return Broker {
