@@ -7,6 +7,7 @@
 //! - [`selection`]: the selection strategies (paper baselines, the paper's D-optimal rules, exact greedy).
 //! - [`evaluation`]: per-prompt Spearman and Best-of-N, the paper's metrics.
 //! - [`features`]: feature scaling (standardisation, L2 normalisation) frozen with the model.
+//! - [`simulate`]: `armd simulate`, the paper's protocol replayed offline to compare strategies.
 //!
 //! Nothing in these modules touches tokio, Kafka or JSON; the daemon and the simulator share them.
 //!
@@ -20,5 +21,6 @@ pub mod features;
 pub mod linalg;
 pub mod posterior;
 pub mod selection;
+pub mod simulate;
 
 pub use error::CoreError;

@@ -25,6 +25,8 @@ enum Command {
     ///
     /// Stops gracefully on SIGTERM or SIGINT (finishes the round, writes a checkpoint, exits 0).
     Run(RunArgs),
+    /// Replay the paper's protocol offline on a dataset and compare selection strategies.
+    Simulate(Box<armd::simulate::SimulateArgs>),
 }
 
 #[derive(Args, Debug)]
@@ -39,6 +41,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(args),
+        Command::Simulate(args) => armd::simulate::cli_main(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

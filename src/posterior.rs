@@ -171,15 +171,16 @@ impl Prequential {
 #[derive(Clone, Copy, Debug)]
 pub struct RefitOptions {
     pub max_iterations: usize,
-    /// Stop when the Newton decrement `½ gᵀH⁻¹g` falls below this (nats).
-    pub tolerance: f64,
+    /// Stop when the Newton step is this small relative to θ (∞-norms). Newton converges quadratically,
+    /// so a tight tolerance costs about one extra iteration.
+    pub relative_step: f64,
 }
 
 impl Default for RefitOptions {
     fn default() -> Self {
         Self {
             max_iterations: 100,
-            tolerance: 1e-20,
+            relative_step: 1e-12,
         }
     }
 }
@@ -270,7 +271,10 @@ impl RefitJob {
             solve_lower_transpose(chol.as_ref(), &mut step);
             let decrement = 0.5 * dot(&g, &step);
             let gnorm = g.iter().fold(0.0f64, |a, x| a.max(x.abs()));
-            if decrement <= opts.tolerance || iterations >= opts.max_iterations {
+            let step_norm = step.iter().fold(0.0f64, |a, x| a.max(x.abs()));
+            let theta_norm = theta.iter().fold(0.0f64, |a, x| a.max(x.abs()));
+            let converged = step_norm <= opts.relative_step * theta_norm || decrement <= 1e-300;
+            if converged || iterations >= opts.max_iterations {
                 return Ok(RefitOutcome {
                     theta,
                     chol,
@@ -282,7 +286,16 @@ impl RefitJob {
                     },
                 });
             }
-            // Backtracking (Armijo) line search along the Newton direction −step.
+            // Near the mode (small decrement) the full Newton step is safe and converges quadratically,
+            // while f can no longer resolve the decrease in floating point: take it unconditionally.
+            if decrement < 1e-6 {
+                theta.iter_mut().zip(&step).for_each(|(a, s)| *a -= s);
+                margins = margins_of(&theta);
+                f = objective(&theta, &margins);
+                iterations += 1;
+                continue;
+            }
+            // Otherwise backtracking (Armijo) line search along the Newton direction −step.
             let mut t = 1.0;
             loop {
                 let cand: Vec<f64> = theta.iter().zip(&step).map(|(a, s)| a - t * s).collect();

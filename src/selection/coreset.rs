@@ -82,17 +82,28 @@ fn cluster_means(
     (means, counts)
 }
 
-/// Squared distance of pair `p` (with `‖v‖² = v2`) to centre `i`, from the centre projections.
+/// Column `r` of a column-major matrix as a slice.
 #[inline]
-fn sq_dist(proj: &Mat<f64>, c2: &[f64], p: Pair, v2: f64, i: usize) -> f64 {
-    (v2 - 2.0 * (proj[(i, p.a as usize)] - proj[(i, p.b as usize)]) + c2[i]).max(0.0)
+fn col(m: &Mat<f64>, r: usize) -> &[f64] {
+    m.col(r)
+        .try_as_col_major()
+        .expect("owned matrices are column-major")
+        .as_slice()
 }
 
-/// Index of the nearest centre (lowest index on ties).
+/// Squared distance of a candidate (with `‖v‖² = v2` and centre projections `pa`, `pb` of its endpoints)
+/// to centre `i`.
+#[inline]
+fn sq_dist(pa: &[f64], pb: &[f64], c2: &[f64], v2: f64, i: usize) -> f64 {
+    (v2 - 2.0 * (pa[i] - pb[i]) + c2[i]).max(0.0)
+}
+
+/// Index of the nearest centre to pair `p` (lowest index on ties).
 fn nearest(proj: &Mat<f64>, c2: &[f64], p: Pair, v2: f64) -> usize {
+    let (pa, pb) = (col(proj, p.a as usize), col(proj, p.b as usize));
     let mut best = (0, f64::INFINITY);
     for i in 0..c2.len() {
-        let d = sq_dist(proj, c2, p, v2, i);
+        let d = sq_dist(pa, pb, c2, v2, i);
         if d < best.1 {
             best = (i, d);
         }
@@ -149,7 +160,8 @@ fn kmeans_with_norms(
         let proj = projections(x, ci);
         let c2 = [v2[next]];
         for (j, &q) in sub.iter().enumerate() {
-            d2[j] = d2[j].min(sq_dist(&proj, &c2, q, v2[j], 0));
+            let (pa, pb) = (col(&proj, q.a as usize), col(&proj, q.b as usize));
+            d2[j] = d2[j].min(sq_dist(pa, pb, &c2, v2[j], 0));
         }
         if i + 1 < k {
             let total: f64 = d2.iter().sum();
@@ -248,6 +260,8 @@ fn sensitivities_with_norms(
         .into_par_iter()
         .map(|c| {
             let own = assignment[c];
+            let p = pairs[c];
+            let (pa, pb) = (col(&proj, p.a as usize), col(&proj, p.b as usize));
             let mut sum = 0.0;
             for (i, &size) in counts.iter().enumerate() {
                 // Leave-one-out size of cluster i and the distance to its leave-one-out mean.
@@ -259,7 +273,7 @@ fn sensitivities_with_norms(
                 if count == 0 {
                     continue;
                 }
-                let mut dist = sq_dist(&proj, &c2, pairs[c], v2[c], i).sqrt();
+                let mut dist = sq_dist(pa, pb, &c2, v2[c], i).sqrt();
                 if i == own {
                     dist *= size as f64 / count as f64;
                 }

@@ -177,15 +177,18 @@ pub enum Evaluation {
 /// projections `q_jᵀ z_r` of pool responses.
 struct Conditioner<'z> {
     z: MatRef<'z, f64>,
-    q: Vec<Vec<f64>>,
+    /// `q_j` as columns; the first `steps` are in use.
+    q: Mat<f64>,
+    steps: usize,
     proj: Vec<Vec<f64>>,
 }
 
 impl<'z> Conditioner<'z> {
-    fn new(z: MatRef<'z, f64>) -> Self {
+    fn new(z: MatRef<'z, f64>, capacity: usize) -> Self {
         Self {
             z,
-            q: Vec::new(),
+            q: Mat::zeros(z.nrows(), capacity.max(1)),
+            steps: 0,
             proj: vec![Vec::new(); z.ncols()],
         }
     }
@@ -198,12 +201,52 @@ impl<'z> Conditioner<'z> {
             .as_slice()
     }
 
+    fn q_col(&self, j: usize) -> &[f64] {
+        self.q
+            .col(j)
+            .try_as_col_major()
+            .expect("column-major")
+            .as_slice()
+    }
+
     /// Brings the cached projections of response `r` up to date with every `q_j`.
     fn ensure(&mut self, r: usize) {
-        while self.proj[r].len() < self.q.len() {
+        while self.proj[r].len() < self.steps {
             let j = self.proj[r].len();
-            let p = dot(&self.q[j], self.column(r));
+            let p = dot(self.q_col(j), self.column(r));
             self.proj[r].push(p);
+        }
+    }
+
+    /// [`Self::ensure`] for many responses at once, as one small matrix product: reading each `q_j` once
+    /// per batch instead of once per response is what keeps the lazy greedy off the memory bus.
+    fn ensure_many(&mut self, responses: &mut Vec<usize>) {
+        responses.sort_unstable();
+        responses.dedup();
+        responses.retain(|&r| self.proj[r].len() < self.steps);
+        let Some(from) = responses.iter().map(|&r| self.proj[r].len()).min() else {
+            return;
+        };
+        let d = self.z.nrows();
+        let mut zs = Mat::<f64>::zeros(d, responses.len());
+        for (c, &r) in responses.iter().enumerate() {
+            zs.col_as_slice_mut(c).copy_from_slice(self.column(r));
+        }
+        let rows = self.steps - from;
+        let mut p = Mat::<f64>::zeros(rows, responses.len());
+        faer::linalg::matmul::matmul(
+            p.as_mut(),
+            faer::Accum::Replace,
+            self.q.subcols(from, rows).transpose(),
+            zs.as_ref(),
+            1.0,
+            Par::Seq,
+        );
+        for (c, &r) in responses.iter().enumerate() {
+            for j in self.proj[r].len()..self.steps {
+                let v = p[(j - from, c)];
+                self.proj[r].push(v);
+            }
         }
     }
 
@@ -213,7 +256,7 @@ impl<'z> Conditioner<'z> {
         self.ensure(b);
         let (pa, pb) = (&self.proj[a], &self.proj[b]);
         let mut s = s;
-        for j in from..self.q.len() {
+        for j in from..self.steps {
             let t = pa[j] - pb[j];
             s -= t * t;
         }
@@ -223,16 +266,28 @@ impl<'z> Conditioner<'z> {
     /// Adds the direction of whitened difference `u` with Fisher weight `w` and conditioned variance `s`;
     /// `qu[j] = q_jᵀu` for every existing direction.
     fn condition(&mut self, mut u: Vec<f64>, qu: &[f64], w: f64, s: f64) {
-        for (qj, &c) in self.q.iter().zip(qu) {
-            for (ui, qi) in u.iter_mut().zip(qj) {
+        for (j, &c) in qu.iter().enumerate().take(self.steps) {
+            for (ui, qi) in u.iter_mut().zip(self.q_col(j)) {
                 *ui -= c * qi;
             }
         }
         let scale = (w / (1.0 + w * s)).sqrt();
-        u.iter_mut().for_each(|x| *x *= scale);
-        self.q.push(u);
+        if self.steps == self.q.ncols() {
+            // Grow geometrically (only when k was underestimated).
+            let mut bigger = Mat::<f64>::zeros(self.q.nrows(), 2 * self.q.ncols());
+            bigger.subcols_mut(0, self.steps).copy_from(self.q.as_ref());
+            self.q = bigger;
+        }
+        let col = self.q.col_as_slice_mut(self.steps);
+        for (dst, x) in col.iter_mut().zip(&u) {
+            *dst = x * scale;
+        }
+        self.steps += 1;
     }
 }
+
+/// Stale heap entries re-evaluated together (one matrix product for their endpoints' projections).
+const LAZY_BATCH: usize = 64;
 
 #[derive(PartialEq)]
 struct HeapEntry {
@@ -266,7 +321,7 @@ pub fn greedy(round: &mut Round<'_>, eval: Evaluation) -> Result<Vec<Pick>, Core
     let s0 = round.variances().to_vec();
     let (z, _) = round.whitened();
     let z = z.as_ref();
-    let mut cond = Conditioner::new(z);
+    let mut cond = Conditioner::new(z, k + input.in_flight.len());
 
     // In-flight pairs first: whiten each difference and condition on it.
     let l = input.posterior.cholesky();
@@ -275,7 +330,7 @@ pub fn greedy(round: &mut Round<'_>, eval: Evaluation) -> Result<Vec<Pick>, Core
         solve_lower(l, &mut u);
         let p = sigmoid(dot(input.posterior.theta(), v));
         let w = p * (1.0 - p);
-        let qu: Vec<f64> = cond.q.iter().map(|q| dot(q, &u)).collect();
+        let qu: Vec<f64> = (0..cond.steps).map(|j| dot(cond.q_col(j), &u)).collect();
         let s = (dot(&u, &u) - qu.iter().map(|c| c * c).sum::<f64>()).max(0.0);
         if w * s > 0.0 {
             cond.condition(u, &qu, w, s);
@@ -293,23 +348,45 @@ pub fn greedy(round: &mut Round<'_>, eval: Evaluation) -> Result<Vec<Pick>, Core
                     variance: s0[c],
                 })
                 .collect();
+            let mut stale = Vec::with_capacity(LAZY_BATCH);
+            let mut endpoints = Vec::with_capacity(2 * LAZY_BATCH);
             while chosen.len() < k {
                 let Some(top) = heap.pop() else { break };
-                let steps = cond.q.len();
-                let p = input.candidates[top.candidate];
-                let (a, b) = (p.a as usize, p.b as usize);
+                let steps = cond.steps;
                 if top.step == steps {
-                    pick(&mut cond, a, b, weights[top.candidate], top.variance);
+                    let p = input.candidates[top.candidate];
+                    pick(
+                        &mut cond,
+                        p.a as usize,
+                        p.b as usize,
+                        weights[top.candidate],
+                        top.variance,
+                    );
                     chosen.push((top.candidate, top.gain));
                     continue;
                 }
-                let s = cond.variance(a, b, top.variance, top.step);
-                heap.push(HeapEntry {
-                    gain: (weights[top.candidate] * s).ln_1p(),
-                    candidate: top.candidate,
-                    step: steps,
-                    variance: s,
-                });
+                // Re-evaluate the top and the next stale entries together. Evaluating more than strictly
+                // needed is harmless: a fresh gain is exact and no larger than the bound it replaces.
+                stale.push(top);
+                while stale.len() < LAZY_BATCH && heap.peek().is_some_and(|e| e.step != steps) {
+                    stale.push(heap.pop().expect("peeked"));
+                }
+                endpoints.clear();
+                for e in &stale {
+                    let p = input.candidates[e.candidate];
+                    endpoints.extend([p.a as usize, p.b as usize]);
+                }
+                cond.ensure_many(&mut endpoints);
+                for e in stale.drain(..) {
+                    let p = input.candidates[e.candidate];
+                    let s = cond.variance(p.a as usize, p.b as usize, e.variance, e.step);
+                    heap.push(HeapEntry {
+                        gain: (weights[e.candidate] * s).ln_1p(),
+                        candidate: e.candidate,
+                        step: steps,
+                        variance: s,
+                    });
+                }
             }
         }
         Evaluation::Eager => {

@@ -303,6 +303,39 @@ fn exact_joint_mi_matches_brute_force_enumeration() {
 }
 
 #[test]
+fn batched_gains_equal_single_gains() {
+    let mut rng = StdRng::seed_from_u64(15);
+    let s = 40;
+    let probs: Vec<Vec<f64>> = (0..12)
+        .map(|_| {
+            (0..s)
+                .map(|_| sigmoid(rng.random_range(-5.0..5.0)))
+                .collect()
+        })
+        .collect();
+    let refs: Vec<&[f64]> = probs.iter().map(|p| p.as_slice()).collect();
+    let conds: Vec<f64> = probs
+        .iter()
+        .map(|p| JointMi::conditional_entropy(p))
+        .collect();
+    // Exact regime up to 8 configurations, then 50 sampled ones.
+    let mut state = JointMi::new(s, 8, 50);
+    for step in 0..6 {
+        let batched = state.gains(&refs, &conds);
+        for (c, p) in probs.iter().enumerate() {
+            let single = state.gain(p);
+            assert!(
+                (batched[c] - single).abs() < 1e-12,
+                "step {step}, label {c}: {} vs {single}",
+                batched[c]
+            );
+        }
+        state.add(&probs[step], &mut rng);
+    }
+    assert!(!state.is_exact());
+}
+
+#[test]
 fn sampled_joint_entropy_estimates_the_exact_one() {
     let p = problem(4, 32, 6, 12);
     let cands: Vec<usize> = (0..10).map(|i| i * 7 % p.pairs.len()).collect();

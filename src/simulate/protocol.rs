@@ -1,0 +1,398 @@
+//! The paper's protocol (DESIGN §7) for one (strategy, seed) replicate, on the daemon's own code paths:
+//! `features::Scaler` for scaling, `candidates::generate` for candidates, `selection::select` for the
+//! choice, `Posterior::update`/`refit` for learning, `evaluation` for the metrics.
+//!
+//! Common random numbers: everything random except the strategy's own choice is a function of the seed
+//! alone — the train/test split, the seed labels, each round's prompt draw and candidate set, and the
+//! annotator's coin for a given pair (hashed from the seed and the two responses, see [`Annotator`]). Two
+//! strategies on one seed therefore face the same pools, and a pair labelled by both gets the same label,
+//! which makes their curves comparable with few seeds.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use faer::Mat;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+
+use super::config::Plan;
+use super::dataset::Dataset;
+use super::report::{Metric, Point};
+use crate::candidates::{self, Pair};
+use crate::evaluation;
+use crate::features::Scaler;
+use crate::linalg::sigmoid;
+use crate::posterior::{Posterior, RefitOptions};
+use crate::selection::{self, scoring, SelectionInput, StrategyKind};
+
+/// Independent random streams derived from the seed (tags keep them apart).
+const STREAM_SPLIT: u64 = 1;
+const STREAM_ROUND: u64 = 2;
+const STREAM_STRATEGY: u64 = 3;
+const STREAM_ANNOTATOR: u64 = 4;
+
+fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+fn mix(parts: &[u64]) -> u64 {
+    parts
+        .iter()
+        .fold(0x5EED_u64, |h, &p| splitmix64(h ^ splitmix64(p)))
+}
+
+/// A reproducible generator for stream `tag`, item `index` of replicate `seed`.
+pub fn stream(seed: u64, tag: u64, index: u64) -> StdRng {
+    StdRng::seed_from_u64(mix(&[seed, tag, index]))
+}
+
+/// Time spent per phase, summed over rounds (and over replicates in a [`super::Summary`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Timings {
+    /// Split, scaler fit and scaling of every embedding (once per seed).
+    pub prepare: Duration,
+    /// Prompt draw, pool assembly and candidate generation.
+    pub candidates: Duration,
+    /// `selection::select` (whitening, scoring and the strategy's own work).
+    pub select: Duration,
+    /// Annotator and `Posterior::update`.
+    pub update: Duration,
+    /// `Posterior::refit`.
+    pub refit: Duration,
+    /// Held-out metrics.
+    pub evaluate: Duration,
+}
+
+impl Timings {
+    pub fn add(&mut self, o: &Timings) {
+        self.prepare += o.prepare;
+        self.candidates += o.candidates;
+        self.select += o.select;
+        self.update += o.update;
+        self.refit += o.refit;
+        self.evaluate += o.evaluate;
+    }
+
+    pub fn total(&self) -> Duration {
+        self.prepare + self.candidates + self.select + self.update + self.refit + self.evaluate
+    }
+}
+
+/// What every strategy shares for one seed: the split and the scaled embeddings.
+pub struct Prepared<'d> {
+    pub seed: u64,
+    data: &'d Dataset,
+    /// Train prompt groups (indices into `data.groups()`), ascending.
+    train: Vec<usize>,
+    /// Scaled embeddings of every response, d×n.
+    x: Mat<f64>,
+    test_x: Mat<f64>,
+    test_golden: Vec<f64>,
+    test_prompt: Vec<u64>,
+    best_of_n: Vec<usize>,
+    pub prepare_time: Duration,
+}
+
+impl<'d> Prepared<'d> {
+    /// Splits prompts into train and test for `seed` and fits the scaler on train responses only (the
+    /// warm-up sample of the daemon: statistics are then frozen).
+    pub fn new(data: &'d Dataset, plan: &Plan, seed: u64) -> anyhow::Result<Self> {
+        let start = Instant::now();
+        let groups = data.groups();
+        let p = groups.len();
+        let mut order: Vec<usize> = (0..p).collect();
+        order.shuffle(&mut stream(seed, STREAM_SPLIT, 0));
+        let n_test = ((plan.protocol.test_fraction * p as f64).round() as usize).clamp(1, p - 1);
+        let mut test: Vec<usize> = order[..n_test].to_vec();
+        let mut train: Vec<usize> = order[n_test..].to_vec();
+        test.sort_unstable();
+        train.sort_unstable();
+
+        let d = data.dim();
+        let train_rows = train.iter().flat_map(|&g| groups[g].rows.iter().copied());
+        let scaler = Scaler::fit(plan.scaling, train_rows.map(|i| data.embedding(i)), d)
+            .context("fitting the feature scaler on train responses")?;
+        let n = data.len();
+        let mut x = Mat::<f64>::zeros(d, n);
+        let mut buf = vec![0.0; d];
+        for i in 0..n {
+            scaler
+                .transform(data.embedding(i), &mut buf)
+                .with_context(|| format!("scaling response {i}"))?;
+            x.col_mut(i)
+                .iter_mut()
+                .zip(&buf)
+                .for_each(|(dst, &v)| *dst = v);
+        }
+        let test_rows: Vec<usize> = test
+            .iter()
+            .flat_map(|&g| groups[g].rows.iter().copied())
+            .collect();
+        let test_x = Mat::from_fn(d, test_rows.len(), |i, j| x[(i, test_rows[j])]);
+        let test_golden = test_rows.iter().map(|&i| data.reward()[i]).collect();
+        let test_prompt = test_rows.iter().map(|&i| data.prompt()[i]).collect();
+        Ok(Self {
+            seed,
+            data,
+            train,
+            x,
+            test_x,
+            test_golden,
+            test_prompt,
+            best_of_n: data.usable_best_of_n(&plan.protocol.best_of_n),
+            prepare_time: start.elapsed(),
+        })
+    }
+
+    /// Draws round `round`'s pool (same for every strategy): returns the global rows of the pool, ascending,
+    /// and the candidate pairs over pool positions.
+    fn draw_pool(&self, plan: &Plan, round: usize) -> (Vec<usize>, Vec<Pair>) {
+        let mut rng = stream(self.seed, STREAM_ROUND, round as u64);
+        let take = plan.protocol.prompts_per_round.min(self.train.len());
+        let mut picked: Vec<usize> = rand::seq::index::sample(&mut rng, self.train.len(), take)
+            .into_iter()
+            .map(|i| self.train[i])
+            .collect();
+        picked.sort_unstable();
+        let groups = self.data.groups();
+        let rows: Vec<usize> = picked
+            .iter()
+            .flat_map(|&g| groups[g].rows.iter().copied())
+            .collect();
+        let prompts: Vec<u64> = rows.iter().map(|&i| self.data.prompt()[i]).collect();
+        let pairs = candidates::generate(&prompts, &plan.candidates, &mut rng);
+        (rows, pairs)
+    }
+
+    fn difference(&self, a: usize, b: usize) -> Vec<f64> {
+        let (ca, cb) = (self.x.col(a), self.x.col(b));
+        ca.iter().zip(cb.iter()).map(|(x, y)| x - y).collect()
+    }
+}
+
+/// The simulated annotator `y ~ Bernoulli(σ(β (r*(a) − r*(b))))`.
+///
+/// The coin for the k-th label of an unordered pair {a, b} is a hash of (seed, min, max, k), so the same
+/// pair gets the same label under every strategy (common random numbers) and repeated labels of a pair are
+/// independent draws. With β = ∞ the better response always wins; an exact tie of golden rewards is then a
+/// fair coin (the limit of σ(β·0) = ½), so labels are always 0 or 1.
+pub struct Annotator<'r> {
+    seed: u64,
+    beta: f64,
+    reward: &'r [f64],
+    seen: HashMap<(usize, usize), u64>,
+}
+
+impl<'r> Annotator<'r> {
+    pub fn new(seed: u64, beta: f64, reward: &'r [f64]) -> Self {
+        Self {
+            seed,
+            beta,
+            reward,
+            seen: HashMap::new(),
+        }
+    }
+
+    /// Label for "a beats b" (1.0 or 0.0); `a`, `b` are dataset rows.
+    pub fn label(&mut self, a: usize, b: usize) -> f64 {
+        let (lo, hi) = (a.min(b), a.max(b));
+        let k = self.seen.entry((lo, hi)).or_insert(0);
+        let u = (mix(&[self.seed, STREAM_ANNOTATOR, lo as u64, hi as u64, *k]) >> 11) as f64
+            * (1.0 / (1u64 << 53) as f64);
+        *k += 1;
+        let gap = self.reward[lo] - self.reward[hi];
+        let p_lo = if self.beta.is_infinite() {
+            if gap > 0.0 {
+                1.0
+            } else if gap < 0.0 {
+                0.0
+            } else {
+                0.5
+            }
+        } else {
+            sigmoid(self.beta * gap)
+        };
+        let lo_wins = u < p_lo;
+        if lo_wins == (a == lo) {
+            1.0
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Result of one replicate.
+pub struct Replicate {
+    pub points: Vec<Point>,
+    pub timings: Timings,
+}
+
+/// Runs the protocol for `kind` on a prepared seed. `tick` is called after every evaluated round.
+pub fn run_replicate(
+    kind: StrategyKind,
+    prep: &Prepared<'_>,
+    plan: &Plan,
+    tick: &(dyn Fn() + Sync),
+) -> anyhow::Result<Replicate> {
+    let proto = &plan.protocol;
+    let data = prep.data;
+    let mut posterior = Posterior::new(data.dim(), proto.prior_precision)?;
+    let mut annotator = Annotator::new(prep.seed, proto.beta, data.reward());
+    let mut t = Timings::default();
+    let mut points = Vec::new();
+    let refit_opts = RefitOptions::default();
+
+    let mut apply = |posterior: &mut Posterior,
+                     pairs: &[(usize, usize)],
+                     t: &mut Timings|
+     -> anyhow::Result<()> {
+        for &(a, b) in pairs {
+            let start = Instant::now();
+            let y = annotator.label(a, b);
+            posterior
+                .update(&prep.difference(a, b), y)
+                .with_context(|| format!("updating the posterior with rows ({a}, {b})"))?;
+            t.update += start.elapsed();
+            if proto.refit_every > 0 && posterior.label_count() % proto.refit_every == 0 {
+                let start = Instant::now();
+                posterior
+                    .refit(refit_opts)
+                    .context("refitting the posterior")?;
+                t.refit += start.elapsed();
+            }
+        }
+        Ok(())
+    };
+
+    // Round 0: the random seed labels, identical for every strategy.
+    let start = Instant::now();
+    let (rows, pairs) = prep.draw_pool(plan, 0);
+    let mut rng = stream(prep.seed, STREAM_STRATEGY, 0);
+    let take = proto.seed_labels.min(pairs.len());
+    let seed_pairs: Vec<(usize, usize)> = rand::seq::index::sample(&mut rng, pairs.len(), take)
+        .into_iter()
+        .map(|c| (rows[pairs[c].a as usize], rows[pairs[c].b as usize]))
+        .collect();
+    t.candidates += start.elapsed();
+    apply(&mut posterior, &seed_pairs, &mut t)?;
+    evaluate(kind, prep, &posterior, 0, &mut points, &mut t)?;
+    tick();
+
+    for round in 1..=proto.rounds {
+        let start = Instant::now();
+        let (rows, pairs) = prep.draw_pool(plan, round);
+        let pool = Mat::from_fn(data.dim(), rows.len(), |i, j| prep.x[(i, rows[j])]);
+        t.candidates += start.elapsed();
+
+        let start = Instant::now();
+        let input = SelectionInput {
+            posterior: &posterior,
+            embeddings: pool.as_ref(),
+            candidates: &pairs,
+            in_flight: &[],
+            k: proto.k,
+        };
+        let mut rng = stream(prep.seed, STREAM_STRATEGY, round as u64);
+        let picks = selection::select(kind, input, &plan.params, &mut rng)
+            .with_context(|| format!("strategy {kind}, round {round}"))?;
+        t.select += start.elapsed();
+        drop(pool);
+
+        let chosen: Vec<(usize, usize)> = picks
+            .iter()
+            .map(|p| (rows[p.pair.a as usize], rows[p.pair.b as usize]))
+            .collect();
+        apply(&mut posterior, &chosen, &mut t)?;
+        evaluate(kind, prep, &posterior, round, &mut points, &mut t)?;
+        tick();
+    }
+    Ok(Replicate { points, timings: t })
+}
+
+/// Held-out metrics of the current posterior mean, appended as points.
+fn evaluate(
+    kind: StrategyKind,
+    prep: &Prepared<'_>,
+    posterior: &Posterior,
+    round: usize,
+    points: &mut Vec<Point>,
+    t: &mut Timings,
+) -> anyhow::Result<()> {
+    let start = Instant::now();
+    let labels = posterior.label_count();
+    let pred = scoring::rewards(posterior.theta(), prep.test_x.as_ref());
+    let mut push = |metric: Metric, value: f64| {
+        points.push(Point {
+            strategy: kind,
+            seed: prep.seed,
+            round,
+            labels,
+            metric,
+            value,
+        })
+    };
+    let rho = evaluation::mean_prompt_spearman(&pred, &prep.test_golden, &prep.test_prompt)
+        .context("evaluating Spearman on test prompts")?;
+    // No defined Spearman anywhere means a constant prediction (θ = 0 before any label): no ranking
+    // information, ρ = 0.
+    push(Metric::OneMinusSpearman, 1.0 - rho.mean.unwrap_or(0.0));
+    let bon = evaluation::expected_best_of_n_many(
+        &pred,
+        &prep.test_golden,
+        &prep.test_prompt,
+        &prep.best_of_n,
+    )
+    .context("evaluating Best-of-N on test prompts")?;
+    for (&n, m) in prep.best_of_n.iter().zip(bon) {
+        if let Some(v) = m.mean {
+            push(Metric::BestOfN(n), v);
+        }
+    }
+    let pq = posterior.prequential();
+    if let Some(v) = pq.log_loss() {
+        push(Metric::PrequentialLogLoss, v);
+    }
+    if let Some(v) = pq.accuracy() {
+        push(Metric::PrequentialAccuracy, v);
+    }
+    t.evaluate += start.elapsed();
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn annotator_is_symmetric_reproducible_and_calibrated() {
+        let reward = [0.0, 1.0, 1.0];
+        let mut a = Annotator::new(3, 1.0, &reward);
+        let mut b = Annotator::new(3, 1.0, &reward);
+        let ya: Vec<f64> = (0..2000).map(|_| a.label(1, 0)).collect();
+        // Same pair asked the other way round: the complementary label, draw by draw.
+        let yb: Vec<f64> = (0..2000).map(|_| b.label(0, 1)).collect();
+        assert!(ya.iter().zip(&yb).all(|(x, y)| x + y == 1.0));
+        let rate = ya.iter().sum::<f64>() / 2000.0;
+        assert!((rate - sigmoid(1.0)).abs() < 0.035, "{rate}");
+
+        let mut noiseless = Annotator::new(3, f64::INFINITY, &reward);
+        assert!((0..50).all(|_| noiseless.label(1, 0) == 1.0));
+        let ties: f64 = (0..2000).map(|_| noiseless.label(1, 2)).sum::<f64>() / 2000.0;
+        assert!((ties - 0.5).abs() < 0.05, "{ties}");
+    }
+
+    #[test]
+    fn streams_differ_by_tag_and_index() {
+        use rand::Rng;
+        let x: u64 = stream(1, STREAM_ROUND, 1).random();
+        assert_eq!(x, stream(1, STREAM_ROUND, 1).random::<u64>());
+        assert_ne!(x, stream(1, STREAM_ROUND, 2).random::<u64>());
+        assert_ne!(x, stream(1, STREAM_STRATEGY, 1).random::<u64>());
+        assert_ne!(x, stream(2, STREAM_ROUND, 1).random::<u64>());
+    }
+}
