@@ -11,10 +11,12 @@
 //!
 //! Nothing in these modules touches tokio, Kafka or JSON; the daemon and the simulator share them.
 //!
+//! - [`demo`]: `armd demo`, the daemon end to end on an embedded mock broker with simulated annotators.
 //! - [`daemon`]: `armd run`, the Kafka daemon (messages, config, checkpoint, engine, Kafka I/O, HTTP).
 
 pub mod candidates;
 pub mod daemon;
+pub mod demo;
 pub mod error;
 pub mod evaluation;
 pub mod features;

@@ -27,6 +27,11 @@ enum Command {
     Run(RunArgs),
     /// Replay the paper's protocol offline on a dataset and compare selection strategies.
     Simulate(Box<armd::simulate::SimulateArgs>),
+    /// Watch armd learn in under a minute, nothing to install: two real daemons (armd's strategy and
+    /// random selection) on an embedded Kafka mock cluster, fed the same synthetic responses and
+    /// answered by simulated noisy annotators; live progress on stderr, /metrics while it runs, and a
+    /// summary table, curves.csv and an SVG plot of held-out Spearman vs labels at the end.
+    Demo(Box<armd::demo::DemoArgs>),
 }
 
 #[derive(Args, Debug)]
@@ -42,6 +47,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Simulate(args) => armd::simulate::cli_main(*args),
+        Command::Demo(args) => armd::demo::cli_main(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
