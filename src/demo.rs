@@ -320,7 +320,7 @@ pub struct DemoArgs {
     /// Annotator noise: P(a preferred) = σ(β·(r*(a) − r*(b))); smaller is noisier [annotator.beta].
     #[arg(long, value_name = "BETA")]
     pub beta: Option<f64>,
-    /// Mean annotator latency in milliseconds (plus uniform jitter) [annotator.latency_ms].
+    /// Base annotator latency in milliseconds (uniform jitter is added on top) [annotator.latency_ms].
     #[arg(long, value_name = "MS")]
     pub latency_ms: Option<u64>,
     /// Seed of the synthetic data set [data.seed].
