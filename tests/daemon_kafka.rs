@@ -185,6 +185,7 @@ fn daemon_learns_from_annotators_dead_letters_bad_input_and_resumes_after_restar
     assert!(metric(&text, "armd_requests_in_flight").unwrap() <= 16.0);
     assert_eq!(metric(&text, "armd_scaler_frozen"), Some(1.0));
     assert_eq!(metric(&text, "armd_broker_up"), Some(1.0));
+    promtool_check_metrics(&text);
     assert!(text.contains("armd_label_latency_seconds_count"));
     let dls = dead_letters(b, &t.dead_letter, 2);
     let mut reasons: Vec<&str> = dls.iter().map(|d| d.reason.as_str()).collect();
@@ -373,4 +374,39 @@ fn kill_9_mid_run_loses_no_label_and_applies_none_twice() {
     );
     let log_text = std::fs::read_to_string(&log).unwrap();
     assert!(log_text.contains("checkpoint loaded"), "{log_text}");
+}
+
+/// The live `/metrics` scrape (counters, gauges and histograms with real observations) must pass
+/// `promtool check metrics`. promtool comes from `.ci/run`; locally the check is skipped without it.
+fn promtool_check_metrics(text: &str) {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let Ok(mut child) = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "promtool is required in CI"
+        );
+        eprintln!("promtool not found: skipping the exposition check");
+        return;
+    };
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics on the live scrape (exit {:?}):\n{}{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
