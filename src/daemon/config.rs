@@ -658,11 +658,14 @@ impl Config {
             coreset_radius: s.coreset_radius,
         };
         if let Err(e) = params.validate() {
-            let key = match &e {
-                crate::CoreError::Parameter { name, .. } => format!("selection.{name}"),
-                _ => "selection".to_string(),
-            };
-            p.bad(&key, "(value)", &e.to_string());
+            match &e {
+                crate::CoreError::Parameter {
+                    name,
+                    value,
+                    reason,
+                } => p.bad(&format!("selection.{name}"), value, reason),
+                other => p.bad("selection", "(parameters)", &other.to_string()),
+            }
         }
 
         let pl = &raw.pool;
@@ -717,7 +720,7 @@ impl Config {
         p.check(
             !c.path.as_os_str().is_empty() && c.path.file_name().is_some(),
             "checkpoint.path",
-            c.path.display(),
+            format!("{:?}", c.path.display().to_string()),
             "must name a file",
         );
         p.check(
