@@ -276,6 +276,20 @@ fn assert_healthy(d: &InProcess) {
     }
 }
 
+/// Waits until the daemon emitted at least `n` requests and reads them from the requests topic.
+fn issued_requests(d: &InProcess, b: &str, t: &Topics, n: usize) -> Vec<LabelRequest> {
+    wait_metric(
+        &d.base,
+        "armd_requests_emitted_total",
+        Duration::from_secs(60),
+        |v| v >= n as f64,
+    );
+    read_topic(b, &t.requests, n, Duration::from_secs(30))
+        .iter()
+        .map(|m| serde_json::from_slice(m.payload().unwrap()).unwrap())
+        .collect()
+}
+
 /// Waits until the counter `series` reaches `n` and checks it did not overshoot; returns the exposition.
 fn wait_exact(base: &str, series: &str, n: f64, timeout: Duration) -> String {
     let text = wait_metric(base, series, timeout, |v| v >= n);
@@ -367,16 +381,7 @@ fn hostile_messages_are_dead_lettered_with_their_reason_and_valid_ones_around_th
     assert_healthy(&d);
 
     // The valid responses were pooled and paired: the in-flight budget (16) fills up.
-    wait_metric(
-        &d.base,
-        "armd_requests_emitted_total",
-        Duration::from_secs(60),
-        |v| v >= 16.0,
-    );
-    let reqs: Vec<LabelRequest> = read_topic(b, &t.requests, 16, Duration::from_secs(30))
-        .iter()
-        .map(|m| serde_json::from_slice(m.payload().unwrap()).unwrap())
-        .collect();
+    let reqs = issued_requests(&d, b, &t, 16);
     assert!(reqs.len() >= 16, "only {} requests", reqs.len());
     assert!(reqs.iter().all(|r| r.instance_id == INSTANCE));
 
@@ -510,4 +515,89 @@ fn hostile_messages_are_dead_lettered_with_their_reason_and_valid_ones_around_th
         bad_labels.len(),
         valid.len()
     );
+}
+
+/// "Label after expiry" with a real short TTL (1 s, no grace): labels that arrive after their requests
+/// expired — whether the daemon still holds the lapsed request or has already forgotten it into its
+/// closed set — are dead-lettered as `expired_request` and never applied, and the expired requests'
+/// responses go back to the pool and are paired again.
+#[test]
+fn labels_after_a_short_request_ttl_are_dead_lettered_as_expired() {
+    let broker = broker();
+    let b = broker.bootstrap.as_str();
+    let t = create_topics(b, "expiry");
+    let state = tempfile::tempdir().unwrap();
+    let text = config_text(b, &t, state.path(), DIM, INSTANCE).replace(
+        "request_ttl_secs = 300",
+        "request_ttl_secs = 1\nexpiry_grace_secs = 0",
+    );
+    assert!(text.contains("request_ttl_secs = 1\n"));
+    let cfg = Config::from_toml_with_env(&text, &[]).unwrap();
+    let d = start_in_process(cfg).wait_ready(Duration::from_secs(60));
+    let mut world = World::new(DIM, 6);
+    send_responses(b, &t.responses, &world.prompts(12, 4));
+    let reqs = issued_requests(&d, b, &t, 8);
+    // Wait (not assert) until every one of them is past its expiry, then answer them all.
+    let last_expiry = reqs.iter().map(|r| r.expires_at_ms).max().unwrap();
+    while armd::daemon::driver::now_ms() <= last_expiry + 200 {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let p = Positioned::new(b, 1 << 20);
+    let mut sources = BTreeMap::new();
+    for r in &reqs {
+        let at = p.send(
+            &t.labels,
+            &r.request_id,
+            Some(label(&r.request_id, json!({})).as_bytes()),
+            None,
+        );
+        sources.insert(at, r.request_id.clone());
+    }
+    let n = reqs.len() as f64;
+    let text = wait_exact(
+        &d.base,
+        "armd_labels_received_total",
+        n,
+        Duration::from_secs(60),
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "armd_labels_rejected_total{reason=\"expired_request\"}"
+        ),
+        Some(n)
+    );
+    assert_eq!(metric(&text, "armd_labels_applied_total"), Some(0.0));
+    assert_eq!(metric(&text, "armd_model_labels_applied"), Some(0.0));
+    wait_metric(
+        &d.base,
+        "armd_requests_expired_total",
+        Duration::from_secs(10),
+        |v| v >= n,
+    );
+    let dls = dead_letters(b, &t.dead_letter, reqs.len());
+    assert_eq!(dls.len(), reqs.len());
+    for dl in &dls {
+        assert_eq!(
+            (dl.reason.as_str(), dl.source.topic.as_str()),
+            ("expired_request", t.labels.as_str())
+        );
+        let id = sources
+            .get(&(dl.source.partition, dl.source.offset))
+            .expect("a label we sent");
+        assert!(
+            dl.detail.contains(id.as_str()) || dl.detail.contains("expir"),
+            "{}",
+            dl.detail
+        );
+    }
+    // The expired pairs' responses were re-offered and paired again.
+    wait_metric(
+        &d.base,
+        "armd_requests_emitted_total",
+        Duration::from_secs(30),
+        |v| v > n,
+    );
+    assert_healthy(&d);
+    d.shutdown().expect("clean shutdown");
 }
