@@ -200,6 +200,11 @@ fn two_instances_one_leaves_and_rejoins_every_label_applied_once_by_its_issuer()
             .iter()
             .any(|r| new.contains(&r.a.prompt_id))
     });
+    // 20 more prompts, so that both partitions surely got new responses (5 could all hash to one).
+    let more = world.prompts(20, 6);
+    send_responses(b, &t.responses, &more);
+    sent += more.len();
+    p3.extend(prompts_of(&more));
     let part_of = prompt_partitions(b, &t, sent);
     let b_parts: Vec<i32> = requests_of(&annotator, B)
         .iter()
