@@ -8,78 +8,12 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use armd::daemon::checkpoint::Checkpoint;
-use armd::daemon::config::Config;
-use armd::daemon::messages::{decode_f32_b64, DeadLetter};
-use armd::features::Scaler;
+use common::inprocess::*;
 use common::*;
-use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message;
-use rdkafka::{Offset, TopicPartitionList};
-
-struct InProcess {
-    rt: tokio::runtime::Runtime,
-    handle: tokio::task::JoinHandle<anyhow::Result<()>>,
-    stop: tokio::sync::oneshot::Sender<()>,
-    base: String,
-}
-
-fn start_in_process(cfg: Config) -> InProcess {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-    let handle = rt.spawn(armd::daemon::run_with_listener(cfg, listener, async move {
-        let _ = rx.await;
-    }));
-    InProcess {
-        rt,
-        handle,
-        stop,
-        base,
-    }
-}
-
-impl InProcess {
-    fn shutdown(self) -> anyhow::Result<()> {
-        let _ = self.stop.send(());
-        let r = self.rt.block_on(self.handle).expect("daemon task");
-        self.rt.shutdown_timeout(Duration::from_secs(5));
-        r
-    }
-}
-
-impl InProcess {
-    /// Waits for /readyz; if the daemon stopped instead, fails with its error.
-    fn wait_ready(self, timeout: Duration) -> Self {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some((200, _)) = get(&format!("{}/readyz", self.base)) {
-                return self;
-            }
-            if self.handle.is_finished() {
-                let r = self.rt.block_on(self.handle).expect("daemon task");
-                panic!("daemon stopped during start-up: {r:?}");
-            }
-            assert!(
-                Instant::now() < deadline,
-                "daemon not ready within {timeout:?}"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-}
 
 fn wait_ready(base: &str, timeout: Duration) {
     let deadline = Instant::now() + timeout;
@@ -94,27 +28,6 @@ fn wait_ready(base: &str, timeout: Duration) {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-}
-
-fn dead_letters(bootstrap: &str, topic: &str, n: usize) -> Vec<DeadLetter> {
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", format!("dlq-reader-{topic}"))
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, 0, Offset::Beginning)
-        .unwrap();
-    c.assign(&tpl).unwrap();
-    drop(tpl);
-    let mut out = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while out.len() < n && Instant::now() < deadline {
-        if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
-            out.push(serde_json::from_slice(m.payload().unwrap()).unwrap());
-        }
-    }
-    out
 }
 
 #[test]
@@ -347,31 +260,9 @@ fn kill_9_mid_run_loses_no_label_and_applies_none_twice() {
         .unwrap();
     assert_eq!(ck.posterior.labels_applied, sent);
     assert_eq!(ck.posterior.labels.len() as u64, sent);
-    let s = ck.scaler.as_ref().unwrap();
-    let scaler = Scaler::from_parts(s.mean.clone(), s.inv_std.clone(), s.scaling).unwrap();
-    let key = |v: &[f64], y: f64| {
-        let mut k: Vec<u64> = v.iter().map(|x| x.to_bits()).collect();
-        k.push(y.to_bits());
-        k
-    };
-    let mut want: HashMap<Vec<u64>, i32> = HashMap::new();
-    for (req, y) in annotator.log.lock().unwrap().iter() {
-        let xa = scaler
-            .transform_vec(&decode_f32_b64("a", &req.a.embedding_b64).unwrap())
-            .unwrap();
-        let xb = scaler
-            .transform_vec(&decode_f32_b64("b", &req.b.embedding_b64).unwrap())
-            .unwrap();
-        let v: Vec<f64> = xa.iter().zip(&xb).map(|(p, q)| p - q).collect();
-        *want.entry(key(&v, *y)).or_default() += 1;
+    if let Some(diff) = stored_labels_differ(&ck, &annotator.log.lock().unwrap()) {
+        panic!("stored labels differ from the labels sent: {diff}");
     }
-    for l in &ck.posterior.labels {
-        *want.entry(key(&l.v, l.y)).or_default() -= 1;
-    }
-    assert!(
-        want.values().all(|&c| c == 0),
-        "stored labels differ from the labels sent"
-    );
     let log_text = std::fs::read_to_string(&log).unwrap();
     assert!(log_text.contains("checkpoint loaded"), "{log_text}");
 }

@@ -65,13 +65,15 @@ pub enum Reason {
     UnknownField,
     /// A field has the wrong JSON type.
     WrongType,
-    /// A field has the right type but an invalid value (empty or overlong id, both embedding encodings).
+    /// A field has the right type but an invalid value (empty or overlong id, both embedding encodings, a
+    /// field given twice).
     InvalidValue,
     /// `embedding_b64` is not valid base64 or not a whole number of f32.
     InvalidBase64,
     /// The embedding's length differs from `model.dim`.
     WrongDimension,
-    /// NaN, ±Inf, or a number that does not fit in f32.
+    /// NaN, ±Inf, or a number that does not fit in f32 (responses) or in f64 (anywhere in a message, e.g.
+    /// a label's `outcome` of `1e400`).
     NonFinite,
     /// A label for a request id this instance never issued (or has forgotten).
     UnknownRequest,
@@ -120,7 +122,7 @@ impl Reason {
     ];
 
     /// Reasons a label message can be rejected for.
-    pub const LABEL: [Reason; 13] = [
+    pub const LABEL: [Reason; 14] = [
         Reason::EmptyPayload,
         Reason::Oversized,
         Reason::InvalidUtf8,
@@ -130,6 +132,8 @@ impl Reason {
         Reason::UnknownField,
         Reason::WrongType,
         Reason::InvalidValue,
+        // JSON numbers beyond f64 (`1e400`) fail in the parser, before any field is known.
+        Reason::NonFinite,
         Reason::UnknownRequest,
         Reason::ExpiredRequest,
         Reason::DuplicateLabel,
@@ -303,7 +307,8 @@ impl Decoder {
     /// Decodes and validates one message of the responses topic.
     pub fn response(&self, payload: Option<&[u8]>) -> Result<Response, Rejection> {
         let text = self.envelope(payload)?;
-        let raw: RawResponse<'_> = serde_json::from_str(text).map_err(json_rejection)?;
+        let raw: RawResponse<'_> =
+            serde_json::from_str(text).map_err(|e| json_rejection(text, e))?;
         check_schema(&raw.schema, RESPONSE_SCHEMA)?;
         check_id("prompt_id", &raw.prompt_id)?;
         check_id("response_id", &raw.response_id)?;
@@ -352,7 +357,7 @@ impl Decoder {
     /// engine, which owns the in-flight requests).
     pub fn label(&self, payload: Option<&[u8]>) -> Result<LabelMsg, Rejection> {
         let text = self.envelope(payload)?;
-        let raw: RawLabel = serde_json::from_str(text).map_err(json_rejection)?;
+        let raw: RawLabel = serde_json::from_str(text).map_err(|e| json_rejection(text, e))?;
         check_schema(&raw.schema, LABEL_SCHEMA)?;
         check_id("request_id", &raw.request_id)?;
         if let Some(a) = &raw.annotator_id {
@@ -420,38 +425,81 @@ fn json_type(v: &Value) -> &'static str {
 }
 
 /// Maps a serde_json error to a reason. serde's data-error messages are stable ("missing field `x`",
-/// "unknown field `x`", "invalid type: ..."), and our own visitors prefix theirs with a marker.
-fn json_rejection(e: serde_json::Error) -> Rejection {
+/// "unknown field `x`", "invalid type: ..."), and our own visitors prefix theirs with a marker. Errors that
+/// only carry a position ("invalid type: integer `7`, expected a string at line 1 column 40") get the
+/// name of the top-level field at that position prefixed, so the detail says which field is wrong.
+fn json_rejection(text: &str, e: serde_json::Error) -> Rejection {
     use serde_json::error::Category;
     let msg = e.to_string();
-    let reason = match e.classify() {
+    let located = || match field_at(text, e.line(), e.column()) {
+        Some(field) => format!("`{field}`: {msg}"),
+        None => msg.clone(),
+    };
+    let (reason, detail) = match e.classify() {
         Category::Io | Category::Syntax | Category::Eof => {
             if msg.starts_with("number out of range") {
-                Reason::NonFinite
+                (Reason::NonFinite, located())
             } else {
-                Reason::InvalidJson
+                (Reason::InvalidJson, msg)
             }
         }
         Category::Data => {
             if let Some(rest) = msg.strip_prefix(MARK_NON_FINITE) {
-                return Rejection::new(Reason::NonFinite, rest.to_string());
+                (Reason::NonFinite, rest.to_string())
             } else if let Some(rest) = msg.strip_prefix(MARK_OUTCOME) {
-                return Rejection::new(Reason::OutcomeOutOfRange, rest.to_string());
+                (Reason::OutcomeOutOfRange, rest.to_string())
             } else if msg.starts_with("missing field") {
-                Reason::MissingField
+                (Reason::MissingField, msg)
             } else if msg.starts_with("unknown field") {
-                Reason::UnknownField
+                (Reason::UnknownField, msg)
             } else if msg.starts_with("invalid type") && msg.contains("expected struct") {
                 // The top level is not an object (e.g. an array or a bare number).
-                Reason::InvalidJson
+                (Reason::InvalidJson, msg)
             } else if msg.starts_with("invalid type") || msg.starts_with("invalid length") {
-                Reason::WrongType
+                (Reason::WrongType, located())
+            } else if msg.starts_with("duplicate field") {
+                (Reason::InvalidValue, msg)
             } else {
-                Reason::InvalidValue
+                (Reason::InvalidValue, located())
             }
         }
     };
-    Rejection::new(reason, msg)
+    Rejection::new(reason, detail)
+}
+
+/// The top-level object key whose value contains the 1-based `line`/`column` position of `text` (the last
+/// key opened at nesting depth 1 before it), if any.
+fn field_at(text: &str, line: usize, column: usize) -> Option<&str> {
+    let line_start = if line <= 1 {
+        0
+    } else {
+        text.match_indices('\n').nth(line - 2)?.0 + 1
+    };
+    let end = line_start.saturating_add(column).min(text.len());
+    let bytes = text.as_bytes();
+    let (mut depth, mut i, mut key) = (0usize, 0usize, None);
+    while i < end {
+        match bytes[i] {
+            b'{' | b'[' => depth += 1,
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            b'"' => {
+                let start = i + 1;
+                i += 1;
+                while i < bytes.len() && bytes[i] != b'"' {
+                    i += if bytes[i] == b'\\' { 2 } else { 1 };
+                }
+                let close = i.min(bytes.len());
+                let after = bytes.get(close + 1..).unwrap_or(&[]);
+                let colon = after.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b':');
+                if depth == 1 && colon {
+                    key = text.get(start..close);
+                }
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    key
 }
 
 /// Decodes base64 of little-endian f32.
@@ -858,6 +906,35 @@ mod tests {
     }
 
     #[test]
+    fn position_only_errors_are_prefixed_with_their_field() {
+        let mut v = good();
+        v["prompt_id"] = json!(7);
+        let r = resp(v).unwrap_err();
+        assert!(
+            r.detail.starts_with("`prompt_id`: invalid type"),
+            "{}",
+            r.detail
+        );
+        let text = "{\"schema\": \"armd.response.v1\",\n \"prompt_id\": \"p\", \"response_id\": \"r\",\n \"embedding\": [1, 2, \"3\", 4]}";
+        let r = dec().response(Some(text.as_bytes())).unwrap_err();
+        assert_eq!(r.reason, Reason::WrongType);
+        assert!(r.detail.starts_with("`embedding`: "), "{}", r.detail);
+        let text =
+            r#"{"schema":"armd.label.v1","request_id":"q","outcome":"a","metadata":{"n":1e999}}"#;
+        let r = dec().label(Some(text.as_bytes())).unwrap_err();
+        assert!(
+            r.detail.starts_with("`metadata`: number out of range"),
+            "{}",
+            r.detail
+        );
+        let text = r#"{"schema":"armd.label.v1","request_id":"q","outcome":"a","annotator_id":{"x\"y":1}}"#;
+        let r = dec().label(Some(text.as_bytes())).unwrap_err();
+        assert!(r.detail.starts_with("`annotator_id`: "), "{}", r.detail);
+        assert_eq!(field_at("{}", 9, 1), None);
+        assert_eq!(field_at("{\"a\": 1}", 1, 100), Some("a"));
+    }
+
+    #[test]
     fn rejection_details_name_the_field() {
         let mut v = good();
         v.as_object_mut().unwrap().remove("response_id");
@@ -942,6 +1019,16 @@ mod tests {
         assert_eq!(reason_of(dec().label(None)), Reason::EmptyPayload);
         let big = vec![b'{'; 20_000];
         assert_eq!(reason_of(dec().label(Some(&big))), Reason::Oversized);
+        // Numbers beyond f64 fail in the parser; the reason must still be a label reason (it is a metric
+        // label of `armd_labels_rejected_total`; an unregistered one used to be counted as `empty_payload`).
+        for text in [
+            &br#"{"schema":"armd.label.v1","request_id":"q","outcome":1e400}"#[..],
+            br#"{"schema":"armd.label.v1","request_id":"q","outcome":"a","metadata":{"n":-1e999}}"#,
+        ] {
+            let r = reason_of(dec().label(Some(text)));
+            assert_eq!(r, Reason::NonFinite);
+            assert!(Reason::LABEL.contains(&r));
+        }
     }
 
     #[test]

@@ -111,6 +111,11 @@ pub struct ByReason(BTreeMap<Reason, Counter>);
 impl ByReason {
     pub fn get(&self, r: Reason) -> &Counter {
         // Every reason of the topic is registered up front (see Metrics::new); fall back to the first.
+        // A reason outside the topic's list would be miscounted there: catch it in tests.
+        debug_assert!(
+            self.0.contains_key(&r),
+            "reason {r} is not registered for this counter"
+        );
         self.0
             .get(&r)
             .unwrap_or_else(|| self.0.values().next().expect("non-empty"))

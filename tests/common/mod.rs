@@ -2,6 +2,8 @@
 //! stream with a golden linear reward, a simulated annotator, and `/metrics` scraping.
 #![allow(dead_code)]
 
+pub mod inprocess;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
