@@ -113,12 +113,15 @@ def ready(base):
         return False
 
 
-def rss_mb(pid):
+def proc_status(pid):
+    """VmRSS, RssAnon, RssFile (MB) and the thread count of `pid`."""
+    fields = {}
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
+            key, _, value = line.partition(":")
+            fields[key] = value.split()
+    mb = lambda k: int(fields[k][0]) / 1024.0 if k in fields else float("nan")
+    return [mb("VmRSS"), mb("RssAnon"), mb("RssFile"), int(fields.get("Threads", ["0"])[0])]
 
 
 def open_fds(pid):
@@ -193,7 +196,7 @@ def main(argv=None):
 
         producer = Producer({"bootstrap.servers": brokers, "linger.ms": 20})
         csv = open(os.path.join(args.out, "soak.csv"), "w")
-        csv.write("elapsed_s,rss_mb,open_fds," + ",".join(SERIES) + "\n")
+        csv.write("elapsed_s,rss_mb,open_fds,rss_anon_mb,rss_file_mb,threads," + ",".join(SERIES) + "\n")
         start = time.time()
         end = start + args.minutes * 60
         next_sample = start
@@ -225,12 +228,14 @@ def main(argv=None):
             producer.poll(0)
             if time.time() >= next_sample:
                 m = scrape(base)
-                row = [time.time() - start, rss_mb(armd.pid), open_fds(armd.pid)] + \
+                st = proc_status(armd.pid)
+                row = [time.time() - start, st[0], open_fds(armd.pid)] + st[1:] + \
                       [m.get(s, float("nan")) for s in SERIES]
                 rows.append(row)
                 csv.write(",".join(f"{v:.3f}" for v in row) + "\n")
                 csv.flush()
-                print(f"soak: {row[0]:6.0f} s  rss {row[1]:7.1f} MB  fds {row[2]:4.0f}  "
+                print(f"soak: {row[0]:6.0f} s  rss {row[1]:7.1f} MB (anon {st[1]:7.1f})  "
+                      f"threads {st[3]:3d}  fds {row[2]:4.0f}  "
                       f"responses {m.get(SERIES[0], 0):8.0f}  labels {m.get(SERIES[3], 0):7.0f}  "
                       f"pool {m.get(SERIES[4], 0):5.0f}", flush=True)
                 next_sample += args.sample_secs
@@ -245,7 +250,7 @@ def main(argv=None):
         with open(os.path.join(args.out, "summary.md"), "w") as f:
             f.write(summary)
         print(summary)
-        labels = [r[3 + SERIES.index("armd_model_labels_applied")] for r in rows]
+        labels = [r[6 + SERIES.index("armd_model_labels_applied")] for r in rows]
         half = len(labels) // 2
         if code != 0 or len(labels) < 4 or not labels[-1] > labels[half]:
             sys.exit("soak: FAILED (armd exit code %s, labels %s → %s)" % (code, labels[half], labels[-1]))
@@ -265,7 +270,7 @@ def summarize(rows, args, code, binary):
     first_q, last_q = rss[q:2 * q].mean(), rss[-q:].mean()
     second = slice(n // 2, n)
     slope = np.polyfit(t[second], rss[second], 1)[0] * 60.0 if n >= 4 else float("nan")
-    col = lambda s: a[:, 3 + SERIES.index(s)]
+    col = lambda s: a[:, 6 + SERIES.index(s)]
     lines = [
         "# armd soak summary",
         "",
@@ -280,16 +285,17 @@ def summarize(rows, args, code, binary):
         f"- RSS: first sample {rss[0]:.1f} MB, max {rss.max():.1f} MB, mean of 2nd quarter "
         f"{first_q:.1f} MB, mean of last quarter {last_q:.1f} MB; slope over the second half "
         f"{slope:+.2f} MB/min",
-        f"- open file descriptors: min {a[:, 2].min():.0f}, max {a[:, 2].max():.0f}",
+        f"- open file descriptors: min {a[:, 2].min():.0f}, max {a[:, 2].max():.0f}; threads: min "
+        f"{a[:, 5].min():.0f}, max {a[:, 5].max():.0f}; max anonymous RSS {a[:, 3].max():.1f} MB",
         "",
         "| elapsed (s) | RSS (MB) | labels applied | pool | in flight |",
         "|---:|---:|---:|---:|---:|",
     ]
     step = max(1, n // 15)
     for r in rows[::step] + ([rows[-1]] if (n - 1) % step else []):
-        lines.append(f"| {r[0]:.0f} | {r[1]:.1f} | {r[3 + SERIES.index('armd_model_labels_applied')]:.0f} | "
-                     f"{r[3 + SERIES.index('armd_pool_responses')]:.0f} | "
-                     f"{r[3 + SERIES.index('armd_requests_in_flight')]:.0f} |")
+        lines.append(f"| {r[0]:.0f} | {r[1]:.1f} | {r[6 + SERIES.index('armd_model_labels_applied')]:.0f} | "
+                     f"{r[6 + SERIES.index('armd_pool_responses')]:.0f} | "
+                     f"{r[6 + SERIES.index('armd_requests_in_flight')]:.0f} |")
     return "\n".join(lines) + "\n"
 
 
