@@ -188,6 +188,19 @@ fn start(
     stop: Arc<AtomicBool>,
 ) -> Result<Started> {
     let path = &cfg.checkpoint.path;
+    // A crash during a checkpoint or export write leaves its temporary file behind.
+    let mut stale = checkpoint::remove_stale_temp_files(path)?;
+    if let Some(dir) = &cfg.export.dir {
+        for file in [export::NPY_FILE, export::JSON_FILE] {
+            stale += checkpoint::remove_stale_temp_files(&dir.join(file))?;
+        }
+    }
+    if stale > 0 {
+        tracing::info!(
+            files = stale,
+            "removed temporary files of writes interrupted by a crash"
+        );
+    }
     let checkpoint = Checkpoint::read(path)?;
     let fresh = checkpoint.is_none();
     match &checkpoint {
