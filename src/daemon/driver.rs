@@ -152,6 +152,7 @@ impl Driver {
 
     fn publish_outputs(&mut self) {
         let t = &self.cfg.kafka.topics;
+        let mut requests = 0;
         for o in self.engine.take_outputs() {
             match o {
                 Output::Request(r) => {
@@ -159,6 +160,7 @@ impl Driver {
                     if !self.publisher.send(&t.requests, &r.request_id, &json) {
                         self.metrics.publish_failures_requests.increment(1);
                     }
+                    requests += 1;
                 }
                 Output::DeadLetter(d) => {
                     let json = serde_json::to_vec(&d).expect("serialisable");
@@ -183,6 +185,9 @@ impl Driver {
                 }
             }
         }
+        if requests > 0 {
+            tracing::debug!(requests, "requests published");
+        }
     }
 
     /// Snapshots the state and writes it on a background thread, so the engine keeps applying labels
@@ -192,6 +197,11 @@ impl Driver {
             self.engine.on_request_delivered(p, o);
         }
         let ck = self.engine.checkpoint(now_ms());
+        tracing::debug!(
+            labels_applied = ck.posterior.labels_applied,
+            in_flight = ck.in_flight.len(),
+            "checkpoint started"
+        );
         self.last_checkpoint = Instant::now();
         let label_offsets = ck.label_offsets.clone();
         let path = self.cfg.checkpoint.path.clone();

@@ -403,6 +403,8 @@ impl Engine {
         if k == 0 {
             return Ok(0);
         }
+        // Start/finish events let the crash harness tell where a `kill -9` landed.
+        tracing::debug!(pool = self.pool.len(), k, "selection round started");
         let d = self.cfg.model.dim;
         let slots: Vec<(u64, &PoolEntry)> = self
             .pool
@@ -488,6 +490,11 @@ impl Engine {
         self.m
             .selection_duration
             .record(started.elapsed().as_secs_f64());
+        tracing::debug!(
+            issued,
+            took_us = started.elapsed().as_micros() as u64,
+            "selection round finished"
+        );
         self.dirty |= issued > 0;
         self.update_gauges();
         Ok(issued)
@@ -772,6 +779,7 @@ impl Engine {
         let latency = (timestamp_ms - f.request.issued_at_ms).max(0) as f64 / 1000.0;
         self.m.label_latency.record(latency);
         self.m.labels_applied.increment(1);
+        tracing::debug!(request = %id, labels_applied = self.posterior.labels_applied(), "label applied");
         f.annotators.push(annotator);
         f.labels_received += 1;
         let closed = f.labels_received >= f.request.labels_wanted;
