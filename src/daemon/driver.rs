@@ -190,12 +190,19 @@ impl Driver {
         }
     }
 
+    /// Tells the engine which requests reached the requests topic (and where), before a checkpoint.
+    fn confirm_deliveries(&mut self) {
+        let d = self.publisher.delivered_requests();
+        for (p, o) in d.max_offset {
+            self.engine.on_request_delivered(p, o);
+        }
+        self.engine.on_requests_delivered(d.ids);
+    }
+
     /// Snapshots the state and writes it on a background thread, so the engine keeps applying labels
     /// while a large checkpoint (d² factor plus stored labels) goes to disk. One write at a time.
     fn start_checkpoint(&mut self) {
-        for (p, o) in self.publisher.delivered_requests() {
-            self.engine.on_request_delivered(p, o);
-        }
+        self.confirm_deliveries();
         let ck = self.engine.checkpoint(now_ms());
         tracing::debug!(
             labels_applied = ck.posterior.labels_applied,
@@ -284,9 +291,7 @@ impl Driver {
             tracing::warn!(error = %e, "not every message was delivered before shutdown");
         }
         self.poll_write(true);
-        for (p, o) in self.publisher.delivered_requests() {
-            self.engine.on_request_delivered(p, o);
-        }
+        self.confirm_deliveries();
         let ck = self.engine.checkpoint(now_ms());
         let started = Instant::now();
         let result = ck

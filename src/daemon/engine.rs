@@ -88,6 +88,9 @@ struct InFlight {
     annotators: Vec<String>,
     /// Past `expires_at`: no longer counted against the budget, kept for late labels until the grace ends.
     lapsed: bool,
+    /// Known to be on the requests topic: its delivery was confirmed, or it was restored from a checkpoint
+    /// or read back from the topic. See [`Engine::checkpoint`].
+    delivered: bool,
 }
 
 /// Bounded memory of closed request ids.
@@ -546,6 +549,7 @@ impl Engine {
                 labels_received: 0,
                 annotators: Vec::new(),
                 lapsed: false,
+                delivered: false,
             },
         );
         Ok(request)
@@ -585,6 +589,8 @@ impl Engine {
             labels_received: 0,
             annotators: Vec::new(),
             lapsed: false,
+            // From a checkpoint (which holds only delivered requests) or from the topic itself.
+            delivered: true,
             request,
         })
     }
@@ -615,6 +621,15 @@ impl Engine {
     pub fn on_request_delivered(&mut self, partition: i32, offset: i64) {
         let e = self.request_scan_from.entry(partition).or_insert(0);
         *e = (*e).max(offset + 1);
+    }
+
+    /// Marks requests as delivered to the requests topic (ids of requests no longer in flight are ignored).
+    pub fn on_requests_delivered(&mut self, ids: impl IntoIterator<Item = String>) {
+        for id in ids {
+            if let Some(f) = self.in_flight.get_mut(&id) {
+                f.delivered = true;
+            }
+        }
     }
 
     /// Sets the scan start of a requests-topic partition (after start-up recovery read up to `offset`).
@@ -900,6 +915,13 @@ impl Engine {
     }
 
     /// A snapshot of the durable state; resets the cadence counters.
+    ///
+    /// In-flight requests whose delivery to the requests topic is not confirmed yet (and that have no
+    /// label) are left out: if the process dies before they are delivered, no annotator can ever see
+    /// them, and restoring them would hold a slot of the in-flight budget until they expire. If they are
+    /// delivered after all, they land after the checkpoint's `request_scan_from` offsets (delivery
+    /// confirmations and offsets are snapshotted together, see [`super::kafka::DeliveredRequests`]),
+    /// and start-up recovery reads them back from the topic.
     pub fn checkpoint(&mut self, now_ms: i64) -> Checkpoint {
         self.labels_since_checkpoint = 0;
         self.dirty = false;
@@ -925,6 +947,7 @@ impl Engine {
             in_flight: self
                 .in_flight
                 .values()
+                .filter(|f| f.delivered || f.labels_received > 0)
                 .map(|f| InFlightState {
                     request_json: serde_json::to_string(&f.request).expect("serialisable"),
                     labels_received: f.labels_received,
