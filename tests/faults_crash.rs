@@ -346,6 +346,11 @@ fn kill_9_at_random_moments_loses_no_label_and_matches_a_replay_from_scratch() {
         report.log_det_rel_diff,
         started.elapsed().as_secs_f64()
     );
+    assert_eq!(
+        never_delivered, 0,
+        "the final checkpoint holds requests that never reached the topic: they would hold in-flight \
+         budget until they expire"
+    );
     assert!(
         crossed > 0,
         "no label was applied for a request issued before a restart: the harness did not test \
