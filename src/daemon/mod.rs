@@ -265,8 +265,9 @@ fn start(
 
     let (tx, rx) = sync_channel(INPUT_QUEUE);
     let ingest = {
-        let (cfg, tx, publisher, metrics, stop) = (
+        let (cfg, health, tx, publisher, metrics, stop) = (
             cfg.clone(),
+            health.clone(),
             tx.clone(),
             publisher.clone(),
             metrics.clone(),
@@ -274,7 +275,17 @@ fn start(
         );
         std::thread::Builder::new()
             .name("armd-responses".into())
-            .spawn(move || ingest::run(cfg, responses_consumer, tx, publisher, metrics, stop))
+            .spawn(move || {
+                ingest::run(
+                    cfg,
+                    responses_consumer,
+                    health,
+                    tx,
+                    publisher,
+                    metrics,
+                    stop,
+                )
+            })
             .context("cannot start the responses thread")?
     };
     let labels_thread = {
