@@ -1,6 +1,6 @@
 //! Broker outage: the `armd` binary runs as a child process against a broker this test owns (not the
 //! shared CI broker), with responses flowing and an annotator answering. The broker is stopped for
-//! [`OUTAGE`] mid-run. Throughout the outage the daemon process must stay alive, `/healthz` answer 200,
+//! [`OUTAGE_SECS`] mid-run. Throughout the outage the daemon process must stay alive, `/healthz` answer 200,
 //! and — once the clients noticed — `/readyz` answer 503 and `armd_broker_up` read 0 at every poll. The
 //! broker is then started again on the same port with the same data: `/readyz` must return to 200,
 //! labels must keep being applied, and at the end (SIGTERM, exit 0) every label sent was applied
@@ -20,13 +20,23 @@ use common::stream::{one_labels_partition, Feeder, SlowAnnotator};
 use common::*;
 
 const DIM: usize = 32;
-const OUTAGE: Duration = Duration::from_secs(32);
+/// Longer than librdkafka's default consumer-group session timeout (45 s): the responses consumer's
+/// session expires during the outage (which once left it fenced for good, see `ingest::run`).
+const OUTAGE_SECS: u64 = 50;
 /// How long the clients may take to notice that the broker is gone.
 const NOTICE: Duration = Duration::from_secs(20);
 
 #[test]
 fn broker_outage_keeps_the_daemon_up_not_ready_and_loses_no_label() {
     let started = Instant::now();
+    // `ARMD_OUTAGE_SECS` lengthens the outage (e.g. past the 45 s consumer-group session timeout).
+    let outage_len = Duration::from_secs(
+        std::env::var("ARMD_OUTAGE_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(OUTAGE_SECS)
+            .max(OUTAGE_SECS),
+    );
     let broker = OwnedBroker::start();
     let b = broker.bootstrap.as_str();
     let mut t = create_topics(b, "outage");
@@ -65,7 +75,7 @@ fn broker_outage_keeps_the_daemon_up_not_ready_and_loses_no_label() {
     let down_at = Instant::now();
     let (mut polls, mut not_ready_polls) = (0, 0);
     let mut noticed: Option<Duration> = None;
-    while down_at.elapsed() < OUTAGE {
+    while down_at.elapsed() < outage_len {
         assert!(
             d.exited().is_none(),
             "armd exited during the broker outage; log:\n{}",
@@ -121,12 +131,26 @@ fn broker_outage_keeps_the_daemon_up_not_ready_and_loses_no_label() {
     wait_metric(&d.base, "armd_broker_up", Duration::from_secs(10), |v| {
         v == 1.0
     });
-    wait_metric(
-        &d.base,
-        "armd_model_labels_applied",
-        Duration::from_secs(90),
-        |v| v >= applied_before + 30.0,
-    );
+    // Labels keep being applied after the outage.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let m = get(&format!("{}/metrics", d.base)).map(|(_, m)| m);
+        let applied = m
+            .as_deref()
+            .and_then(|m| metric(m, "armd_model_labels_applied"));
+        if applied.is_some_and(|v| v >= applied_before + 30.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "labels stopped after the outage: {applied:?} applied ({applied_before} before it), the \
+             annotator sent {}; metrics:\n{}\nlog:\n{}",
+            annotator.sent(),
+            m.unwrap_or_default(),
+            d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 
     feeder.stop();
     annotator.stop();
@@ -161,6 +185,10 @@ fn broker_outage_keeps_the_daemon_up_not_ready_and_loses_no_label() {
         .count();
     assert_eq!(label_dead_letters, 0, "labels dead-lettered");
 
+    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+    let replaced = log_text
+        .matches("responses consumer failed fatally; replacing it")
+        .count();
     let ck = Checkpoint::read(&cfg.checkpoint.path)
         .unwrap()
         .expect("final checkpoint");
@@ -169,7 +197,7 @@ fn broker_outage_keeps_the_daemon_up_not_ready_and_loses_no_label() {
     assert_eq!(report.labels as u64, sent);
     eprintln!(
         "faults_outage: broker stop took {:.1} s, then down {:.1} s; /readyz 503 after {:.1} s and at all {not_ready_polls} of \
-         {polls} polls from then on; broker restart took {:.1} s, armd ready {:.1} s after that; {applied_before} labels \
+         {polls} polls from then on; broker restart took {:.1} s, armd ready {:.1} s after that; responses consumer replaced after a fatal error {replaced} time(s); {applied_before} labels \
          before the outage, {sent} sent and applied once in all; replay θ rel diff {:e}, log det rel diff \
          {:e}; {:.0} s",
         broker_stop.as_secs_f64(),
