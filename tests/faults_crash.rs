@@ -100,14 +100,18 @@ fn classify(log: &str) -> Phase {
 
 /// Waits until `marker` appears in `log` after byte `from` (or `timeout`); returns whether it did.
 fn wait_for_event(log: &Path, from: usize, marker: &str, timeout: Duration) -> bool {
+    use std::io::{Read, Seek, SeekFrom};
     let deadline = Instant::now() + timeout;
-    let mut seen = from;
+    let mut f = std::fs::File::open(log).expect("daemon log");
+    f.seek(SeekFrom::Start(from as u64))
+        .expect("seek in the log");
     let mut tail = String::new();
+    let mut buf = Vec::new();
     while Instant::now() < deadline {
-        let bytes = std::fs::read(log).unwrap_or_default();
-        if bytes.len() > seen {
-            tail.push_str(&String::from_utf8_lossy(&bytes[seen..]));
-            seen = bytes.len();
+        buf.clear();
+        f.read_to_end(&mut buf).expect("read the log");
+        if !buf.is_empty() {
+            tail.push_str(&String::from_utf8_lossy(&buf));
             if tail.contains(marker) {
                 return true;
             }
