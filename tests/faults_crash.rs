@@ -293,6 +293,18 @@ fn kill_9_at_random_moments_loses_no_label_and_matches_a_replay_from_scratch() {
     let sent_log = annotator.log.lock().unwrap().clone();
     let report = replay::check(b, &t.requests, &t.labels, &cfg, &ck, &sent_log);
     assert_eq!(report.labels as u64, sent);
+    // The checker is not vacuous: a label missing from what was sent, or a posterior off by 1e-6, fails it.
+    eprintln!("faults_crash: two EXPECTED replay-checker failures follow (tampered inputs)");
+    let fails = |ck: &Checkpoint, sent: &[(String, f64)]| {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            replay::check(b, &t.requests, &t.labels, &cfg, ck, sent)
+        }))
+        .is_err()
+    };
+    assert!(fails(&ck, &sent_log[1..]), "a lost label went unnoticed");
+    let mut off = ck.clone();
+    off.posterior.theta[0] += 1e-6 * off.posterior.theta[0].abs().max(1.0);
+    assert!(fails(&off, &sent_log), "a perturbed θ went unnoticed");
 
     // In-flight requests survived restarts: labels applied by an incarnation for requests issued before it
     // started (by an earlier, killed one).
