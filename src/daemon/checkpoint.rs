@@ -389,22 +389,54 @@ impl Checkpoint {
     }
 }
 
-/// Writes `bytes` to `path` atomically (see [`Checkpoint::write`]); also used for model exports.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+/// The directory of `path` and the prefix of [`write_atomic`]'s temporary files for it (`.<name>.tmp-`).
+fn temp_prefix(path: &Path) -> Result<(PathBuf, String)> {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    fs::create_dir_all(&dir)
-        .with_context(|| format!("cannot create directory {}", dir.display()))?;
     let name = path
         .file_name()
         .ok_or_else(|| anyhow::anyhow!("{} has no file name", path.display()))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
+    Ok((dir, format!(".{}.tmp-", name.to_string_lossy())))
+}
+
+/// Removes the temporary files that writers killed mid-write (`kill -9`, power loss) left next to
+/// `path`; a process's own temporary file is kept. Without this every crash during a checkpoint or
+/// export write would leave a file as large as the checkpoint behind for good. Returns how many were
+/// removed; a missing directory is not an error.
+pub fn remove_stale_temp_files(path: &Path) -> Result<usize> {
+    let (dir, prefix) = temp_prefix(path)?;
+    let entries = match fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e).with_context(|| format!("cannot list {}", dir.display())),
+    };
+    let own = format!("{prefix}{}", std::process::id());
+    let mut removed = 0;
+    for entry in entries {
+        let entry = entry.with_context(|| format!("cannot list {}", dir.display()))?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(&prefix) && name != own {
+            fs::remove_file(entry.path()).with_context(|| {
+                format!(
+                    "cannot remove stale temporary file {}",
+                    entry.path().display()
+                )
+            })?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+/// Writes `bytes` to `path` atomically (see [`Checkpoint::write`]); also used for model exports.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let (dir, prefix) = temp_prefix(path)?;
+    fs::create_dir_all(&dir)
+        .with_context(|| format!("cannot create directory {}", dir.display()))?;
+    let tmp = dir.join(format!("{prefix}{}", std::process::id()));
     let result = (|| -> Result<()> {
         let mut f = OpenOptions::new()
             .write(true)
@@ -520,6 +552,27 @@ impl<'a> Reader<'a> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn stale_temp_files_of_killed_writers_are_removed_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("armd.ckpt");
+        assert_eq!(remove_stale_temp_files(&path).unwrap(), 0);
+        let own = dir
+            .path()
+            .join(format!(".armd.ckpt.tmp-{}", std::process::id()));
+        let stale = dir.path().join(".armd.ckpt.tmp-4294967295");
+        let other = dir.path().join(".model.npy.tmp-4294967295");
+        for f in [&path, &own, &stale, &other] {
+            fs::write(f, b"x").unwrap();
+        }
+        assert_eq!(remove_stale_temp_files(&path).unwrap(), 1);
+        assert!(!stale.exists());
+        assert!(path.exists() && own.exists() && other.exists());
+        // A directory that does not exist yet (first start) has nothing to clean.
+        let missing = dir.path().join("no/such/dir/armd.ckpt");
+        assert_eq!(remove_stale_temp_files(&missing).unwrap(), 0);
+    }
+
     use super::*;
     use crate::posterior::Posterior;
 

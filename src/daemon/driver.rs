@@ -152,6 +152,7 @@ impl Driver {
 
     fn publish_outputs(&mut self) {
         let t = &self.cfg.kafka.topics;
+        let mut requests = 0;
         for o in self.engine.take_outputs() {
             match o {
                 Output::Request(r) => {
@@ -159,6 +160,7 @@ impl Driver {
                     if !self.publisher.send(&t.requests, &r.request_id, &json) {
                         self.metrics.publish_failures_requests.increment(1);
                     }
+                    requests += 1;
                 }
                 Output::DeadLetter(d) => {
                     let json = serde_json::to_vec(&d).expect("serialisable");
@@ -183,15 +185,30 @@ impl Driver {
                 }
             }
         }
+        if requests > 0 {
+            tracing::debug!(requests, "requests published");
+        }
+    }
+
+    /// Tells the engine which requests reached the requests topic (and where), before a checkpoint.
+    fn confirm_deliveries(&mut self) {
+        let d = self.publisher.delivered_requests();
+        for (p, o) in d.max_offset {
+            self.engine.on_request_delivered(p, o);
+        }
+        self.engine.on_requests_delivered(d.ids);
     }
 
     /// Snapshots the state and writes it on a background thread, so the engine keeps applying labels
     /// while a large checkpoint (d² factor plus stored labels) goes to disk. One write at a time.
     fn start_checkpoint(&mut self) {
-        for (p, o) in self.publisher.delivered_requests() {
-            self.engine.on_request_delivered(p, o);
-        }
+        self.confirm_deliveries();
         let ck = self.engine.checkpoint(now_ms());
+        tracing::debug!(
+            labels_applied = ck.posterior.labels_applied,
+            in_flight = ck.in_flight.len(),
+            "checkpoint started"
+        );
         self.last_checkpoint = Instant::now();
         let label_offsets = ck.label_offsets.clone();
         let path = self.cfg.checkpoint.path.clone();
@@ -274,9 +291,7 @@ impl Driver {
             tracing::warn!(error = %e, "not every message was delivered before shutdown");
         }
         self.poll_write(true);
-        for (p, o) in self.publisher.delivered_requests() {
-            self.engine.on_request_delivered(p, o);
-        }
+        self.confirm_deliveries();
         let ck = self.engine.checkpoint(now_ms());
         let started = Instant::now();
         let result = ck

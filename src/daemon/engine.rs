@@ -88,6 +88,9 @@ struct InFlight {
     annotators: Vec<String>,
     /// Past `expires_at`: no longer counted against the budget, kept for late labels until the grace ends.
     lapsed: bool,
+    /// Known to be on the requests topic: its delivery was confirmed, or it was restored from a checkpoint
+    /// or read back from the topic. See [`Engine::checkpoint`].
+    delivered: bool,
 }
 
 /// Bounded memory of closed request ids.
@@ -403,6 +406,8 @@ impl Engine {
         if k == 0 {
             return Ok(0);
         }
+        // Start/finish events let the crash harness tell where a `kill -9` landed.
+        tracing::debug!(pool = self.pool.len(), k, "selection round started");
         let d = self.cfg.model.dim;
         let slots: Vec<(u64, &PoolEntry)> = self
             .pool
@@ -488,6 +493,11 @@ impl Engine {
         self.m
             .selection_duration
             .record(started.elapsed().as_secs_f64());
+        tracing::debug!(
+            issued,
+            took_us = started.elapsed().as_micros() as u64,
+            "selection round finished"
+        );
         self.dirty |= issued > 0;
         self.update_gauges();
         Ok(issued)
@@ -539,6 +549,7 @@ impl Engine {
                 labels_received: 0,
                 annotators: Vec::new(),
                 lapsed: false,
+                delivered: false,
             },
         );
         Ok(request)
@@ -578,6 +589,8 @@ impl Engine {
             labels_received: 0,
             annotators: Vec::new(),
             lapsed: false,
+            // From a checkpoint (which holds only delivered requests) or from the topic itself.
+            delivered: true,
             request,
         })
     }
@@ -608,6 +621,15 @@ impl Engine {
     pub fn on_request_delivered(&mut self, partition: i32, offset: i64) {
         let e = self.request_scan_from.entry(partition).or_insert(0);
         *e = (*e).max(offset + 1);
+    }
+
+    /// Marks requests as delivered to the requests topic (ids of requests no longer in flight are ignored).
+    pub fn on_requests_delivered(&mut self, ids: impl IntoIterator<Item = String>) {
+        for id in ids {
+            if let Some(f) = self.in_flight.get_mut(&id) {
+                f.delivered = true;
+            }
+        }
     }
 
     /// Sets the scan start of a requests-topic partition (after start-up recovery read up to `offset`).
@@ -772,6 +794,7 @@ impl Engine {
         let latency = (timestamp_ms - f.request.issued_at_ms).max(0) as f64 / 1000.0;
         self.m.label_latency.record(latency);
         self.m.labels_applied.increment(1);
+        tracing::debug!(request = %id, labels_applied = self.posterior.labels_applied(), "label applied");
         f.annotators.push(annotator);
         f.labels_received += 1;
         let closed = f.labels_received >= f.request.labels_wanted;
@@ -892,6 +915,13 @@ impl Engine {
     }
 
     /// A snapshot of the durable state; resets the cadence counters.
+    ///
+    /// In-flight requests whose delivery to the requests topic is not confirmed yet (and that have no
+    /// label) are left out: if the process dies before they are delivered, no annotator can ever see
+    /// them, and restoring them would hold a slot of the in-flight budget until they expire. If they are
+    /// delivered after all, they land after the checkpoint's `request_scan_from` offsets (delivery
+    /// confirmations and offsets are snapshotted together, see [`super::kafka::DeliveredRequests`]),
+    /// and start-up recovery reads them back from the topic.
     pub fn checkpoint(&mut self, now_ms: i64) -> Checkpoint {
         self.labels_since_checkpoint = 0;
         self.dirty = false;
@@ -917,6 +947,7 @@ impl Engine {
             in_flight: self
                 .in_flight
                 .values()
+                .filter(|f| f.delivered || f.labels_received > 0)
                 .map(|f| InFlightState {
                     request_json: serde_json::to_string(&f.request).expect("serialisable"),
                     labels_received: f.labels_received,

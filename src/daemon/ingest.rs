@@ -45,9 +45,16 @@ pub fn consumer(
 }
 
 /// Polls until `stop`; then commits the stored offsets.
+///
+/// A consumer that hit a fatal error is replaced by a new one. The case seen: after a broker outage longer
+/// than the group session timeout, the member rejoins with its static `group.instance.id` and the
+/// broker fences the old member's pending offset commit; librdkafka then reports a fatal error and the
+/// consumer never delivers again. The new consumer resumes from the committed offsets (responses handed
+/// over since the last commit come again; the pool drops duplicates).
 pub fn run(
     cfg: Arc<Config>,
-    consumer: BaseConsumer<Context>,
+    mut consumer: BaseConsumer<Context>,
+    health: Arc<Health>,
     tx: SyncSender<Input>,
     publisher: Arc<Publisher>,
     m: Arc<Metrics>,
@@ -60,6 +67,21 @@ pub fn run(
         let msg = match consumer.poll(Duration::from_millis(100)) {
             None => continue,
             Some(Err(e)) => {
+                if let Some((code, reason)) = consumer.client().fatal_error() {
+                    tracing::error!(
+                        ?code,
+                        reason,
+                        "responses consumer failed fatally; replacing it"
+                    );
+                    match self::consumer(&cfg, health.clone(), m.clone()) {
+                        Ok(c) => consumer = c,
+                        Err(e) => {
+                            tracing::error!(error = %format!("{e:#}"), "cannot recreate the responses consumer; retrying");
+                            std::thread::sleep(Duration::from_secs(1));
+                        }
+                    }
+                    continue;
+                }
                 // During an outage every poll reports the same error; log it at most every 10 s.
                 if last_error_log
                     .is_none_or(|t: std::time::Instant| t.elapsed() >= Duration::from_secs(10))

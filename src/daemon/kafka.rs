@@ -195,12 +195,23 @@ pub fn client_config(cfg: &Config, client_suffix: &str) -> ClientConfig {
 // Publisher
 
 /// Delivery bookkeeping: the highest delivered offset of each requests-topic partition (for the
-/// recovery scan start stored in checkpoints) and failure counts.
+/// recovery scan start stored in checkpoints), the ids of requests delivered since the last
+/// [`Publisher::delivered_requests`], and failure counts.
 pub struct PublishContext {
     inner: Context,
     requests_topic: String,
     models_topic: String,
-    pub delivered_requests: Mutex<BTreeMap<i32, i64>>,
+    delivered: Mutex<DeliveredRequests>,
+}
+
+/// Requests confirmed delivered. Offsets and ids are taken together under one lock, so a request not
+/// among the ids of a snapshot is delivered (if ever) after the snapshot's offsets.
+#[derive(Debug, Default)]
+pub struct DeliveredRequests {
+    /// Highest delivered offset per requests-topic partition since start.
+    pub max_offset: BTreeMap<i32, i64>,
+    /// Request ids delivered since the previous snapshot.
+    pub ids: Vec<String>,
 }
 
 impl ClientContext for PublishContext {
@@ -222,12 +233,12 @@ impl ProducerContext for PublishContext {
         match result {
             Ok(msg) => {
                 if msg.topic() == self.requests_topic {
-                    let mut d = self
-                        .delivered_requests
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner());
-                    let e = d.entry(msg.partition()).or_insert(-1);
+                    let mut d = self.delivered.lock().unwrap_or_else(|p| p.into_inner());
+                    let e = d.max_offset.entry(msg.partition()).or_insert(-1);
                     *e = (*e).max(msg.offset());
+                    if let Some(key) = msg.key() {
+                        d.ids.push(String::from_utf8_lossy(key).into_owned());
+                    }
                 }
             }
             Err((e, msg)) => {
@@ -264,7 +275,7 @@ impl Publisher {
             inner: Context::new(Role::Producer, health, metrics),
             requests_topic: cfg.kafka.topics.requests.clone(),
             models_topic: cfg.kafka.topics.models.clone(),
-            delivered_requests: Mutex::new(BTreeMap::new()),
+            delivered: Mutex::new(DeliveredRequests::default()),
         };
         let producer = c
             .create_with_context(ctx)
@@ -300,14 +311,19 @@ impl Publisher {
         }
     }
 
-    /// Highest delivered offset per requests-topic partition since start.
-    pub fn delivered_requests(&self) -> BTreeMap<i32, i64> {
-        self.producer
+    /// Highest delivered offset per requests-topic partition since start, and the ids delivered since
+    /// the previous call (drained).
+    pub fn delivered_requests(&self) -> DeliveredRequests {
+        let mut d = self
+            .producer
             .context()
-            .delivered_requests
+            .delivered
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+            .unwrap_or_else(|p| p.into_inner());
+        DeliveredRequests {
+            max_offset: d.max_offset.clone(),
+            ids: std::mem::take(&mut d.ids),
+        }
     }
 
     /// Waits until everything enqueued is delivered (or `timeout`).

@@ -188,6 +188,19 @@ fn start(
     stop: Arc<AtomicBool>,
 ) -> Result<Started> {
     let path = &cfg.checkpoint.path;
+    // A crash during a checkpoint or export write leaves its temporary file behind.
+    let mut stale = checkpoint::remove_stale_temp_files(path)?;
+    if let Some(dir) = &cfg.export.dir {
+        for file in [export::NPY_FILE, export::JSON_FILE] {
+            stale += checkpoint::remove_stale_temp_files(&dir.join(file))?;
+        }
+    }
+    if stale > 0 {
+        tracing::info!(
+            files = stale,
+            "removed temporary files of writes interrupted by a crash"
+        );
+    }
     let checkpoint = Checkpoint::read(path)?;
     let fresh = checkpoint.is_none();
     match &checkpoint {
@@ -252,8 +265,9 @@ fn start(
 
     let (tx, rx) = sync_channel(INPUT_QUEUE);
     let ingest = {
-        let (cfg, tx, publisher, metrics, stop) = (
+        let (cfg, health, tx, publisher, metrics, stop) = (
             cfg.clone(),
+            health.clone(),
             tx.clone(),
             publisher.clone(),
             metrics.clone(),
@@ -261,7 +275,17 @@ fn start(
         );
         std::thread::Builder::new()
             .name("armd-responses".into())
-            .spawn(move || ingest::run(cfg, responses_consumer, tx, publisher, metrics, stop))
+            .spawn(move || {
+                ingest::run(
+                    cfg,
+                    responses_consumer,
+                    health,
+                    tx,
+                    publisher,
+                    metrics,
+                    stop,
+                )
+            })
             .context("cannot start the responses thread")?
     };
     let labels_thread = {

@@ -1,9 +1,10 @@
 //! Start-up: wait for the broker, find the labels partitions, and recover requests issued after the
 //! last checkpoint.
 //!
-//! **Recovery of in-flight requests.** A checkpoint holds the requests in flight when it was written, and
-//! for each requests-topic partition the offset after the last request of ours known delivered at that
-//! time. Requests issued later are not in the checkpoint, but they are on the requests topic — and each
+//! **Recovery of in-flight requests.** A checkpoint holds the requests in flight when it was written whose
+//! delivery was confirmed, and for each requests-topic partition the offset after the last request of
+//! ours known delivered at that time. Requests issued later, or not yet confirmed then, are not in the
+//! checkpoint; if they were delivered at all they are on the requests topic past that offset — and each
 //! request message carries both raw embeddings, so the pair's difference vector can be rebuilt with the
 //! frozen scaler. On start we read every requests partition from the checkpointed offset to its current
 //! end, register our instance's requests that we do not know yet, and advance the sequence counter past

@@ -523,3 +523,7 @@ pub fn exported_model(dir: &Path) -> Option<(Vec<f64>, f64, u64)> {
         serde_json::from_slice(&std::fs::read(dir.join("model.json")).ok()?).ok()?;
     Some((w, meta["bias"].as_f64()?, meta["labels_applied"].as_u64()?))
 }
+
+pub mod process;
+pub mod replay;
+pub mod stream;

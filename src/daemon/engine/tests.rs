@@ -406,6 +406,7 @@ fn labels_applied_before_a_checkpoint_stay_applied_once_after_restart() {
     a.maybe_round(0);
     let reqs = requests(a.take_outputs());
     let id = reqs[0].request_id.clone();
+    a.on_requests_delivered(reqs.iter().map(|r| r.request_id.clone()));
     a.on_label(label(&id, 1.0, None), None, pos(0), 1, 1);
     let ck = Checkpoint::decode(&a.checkpoint(1).encode()).unwrap();
     let mut b = Engine::new(c.clone(), Telemetry::new().metrics, Some(ck)).unwrap();
@@ -544,4 +545,41 @@ fn consolidation_bounds_the_label_store() {
 #[test]
 fn label_schema_constant_is_versioned() {
     assert!(LABEL_SCHEMA.ends_with(".v1"));
+}
+
+#[test]
+fn requests_not_confirmed_delivered_are_left_out_of_the_checkpoint() {
+    let c = cfg("");
+    let mut w = World::new(11);
+    let mut a = warmed(&c, &mut w);
+    a.maybe_round(0);
+    let reqs = requests(a.take_outputs());
+    assert_eq!(reqs.len(), 3);
+    // Only the first reached the topic before the crash; the others died in the producer's queue.
+    a.on_requests_delivered([reqs[0].request_id.clone(), "not-ours-or-closed".to_string()]);
+    let ck = Checkpoint::decode(&a.checkpoint(1).encode()).unwrap();
+    assert_eq!(ck.in_flight.len(), 1);
+    let mut b = Engine::new(c.clone(), Telemetry::new().metrics, Some(ck)).unwrap();
+    assert_eq!(b.in_flight_ids(), vec![reqs[0].request_id.clone()]);
+    // The lost ones hold no budget: a round can issue a full batch again (the sequence goes on).
+    assert_eq!(b.active_in_flight(), 1);
+    assert_eq!(b.next_sequence(), 3);
+    // A request that was delivered after all is read back from the topic at start-up.
+    assert!(b.recover_request(reqs[1].clone()).unwrap());
+    let ck = b.checkpoint(2);
+    assert_eq!(ck.in_flight.len(), 2);
+    // A request with a label stays in the checkpoint even if its delivery report is still pending.
+    let mut c2 = (*cfg("")).clone();
+    c2.selection.labels_per_request = 2;
+    let c2 = Arc::new(c2);
+    let mut e = warmed(&c2, &mut World::new(12));
+    e.maybe_round(0);
+    let r = requests(e.take_outputs());
+    let o = e.on_label(label(&r[0].request_id, 1.0, Some("x")), None, pos(0), 1, 1);
+    assert!(
+        matches!(o, LabelOutcome::Applied { closed: false, .. }),
+        "{o:?}"
+    );
+    let ck = e.checkpoint(2);
+    assert_eq!(ck.in_flight.len(), 1);
 }
