@@ -147,6 +147,20 @@ fn now_instant() -> Instant {
     Instant::now()
 }
 
+/// Wall clock in milliseconds since the Unix epoch, with sub-millisecond precision (0 before 1970).
+fn wall_ms() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64() * 1000.0)
+        .unwrap_or(0.0)
+}
+
+/// How long after its Kafka timestamp a label reached the posterior, in ms. A label stamped by a clock
+/// ahead of ours counts as 0 rather than negative.
+fn apply_delay_ms(label_timestamp_ms: i64, applied_wall_ms: f64) -> f64 {
+    (applied_wall_ms - label_timestamp_ms as f64).max(0.0)
+}
+
 impl Engine {
     /// A fresh engine, or one restored from `checkpoint` (validated against the configuration).
     pub fn new(cfg: Arc<Config>, m: Arc<Metrics>, checkpoint: Option<Checkpoint>) -> Result<Self> {
@@ -771,6 +785,9 @@ impl Engine {
         }
         let latency = (timestamp_ms - f.request.issued_at_ms).max(0) as f64 / 1000.0;
         self.m.label_latency.record(latency);
+        let apply_delay_ms = apply_delay_ms(timestamp_ms, wall_ms());
+        self.m.label_apply_delay.record(apply_delay_ms / 1000.0);
+        tracing::debug!(request = %id, apply_delay_ms, "label applied");
         self.m.labels_applied.increment(1);
         f.annotators.push(annotator);
         f.labels_received += 1;
