@@ -6,7 +6,7 @@
 //!   scaler's warm-up statistics.
 //! - **Selection rounds** ([`Engine::run_round`]): when the scaler is frozen, the in-flight budget
 //!   (`max_in_flight`) has room, the pool holds `min_pool` responses and `round_interval_ms` passed since
-//!   the last round. Picks up to `min(batch_size, free budget)` pairs with the configured strategy
+//!   the last round ended. Picks up to `min(batch_size, free budget)` pairs with the configured strategy
 //!   (`greedy-dopt` conditions on the in-flight pairs as already picked), issues one request per pick and
 //!   takes the used responses out of the pool (`pool.max_uses`).
 //! - **Request ids**: `<instance>-<sequence>-<hash(instance, sequence, response ids)>`. The sequence is
@@ -396,15 +396,21 @@ impl Engine {
         if !self.round_due(now_ms) {
             return 0;
         }
-        self.last_round_ms = Some(now_ms);
-        match self.run_round(now_ms) {
+        let started = Instant::now();
+        let issued = match self.run_round(now_ms) {
             Ok(n) => n,
             Err(e) => {
                 self.m.selection_errors.increment(1);
                 tracing::error!(error = %e, "selection round failed");
                 0
             }
-        }
+        };
+        // The interval counts from the round's end: a round that takes about as long as the interval
+        // (d = 2048, full pool) must not leave the engine thread selecting back to back, with labels and
+        // responses queueing behind it.
+        let took_ms = i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX);
+        self.last_round_ms = Some(now_ms.saturating_add(took_ms));
+        issued
     }
 
     /// One selection round, unconditionally (the caller checked [`Self::round_due`]).

@@ -20,6 +20,8 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 
+pub mod in_process;
+
 // ------------------------------------------------------------------------------------------------
 // Broker
 
