@@ -741,7 +741,7 @@ fn rounds(c: &mut Criterion) {
     let mut g = c.benchmark_group("round");
     g.sample_size(10);
     g.warm_up_time(Duration::from_secs(1));
-    g.measurement_time(Duration::from_secs(8));
+    g.measurement_time(Duration::from_secs(5));
     eprintln!("round: load {}", uptime());
     for d in [768usize, 2048] {
         for strategy in ["greedy-dopt", "random"] {
@@ -754,10 +754,8 @@ fn rounds(c: &mut Criterion) {
                         let started = Instant::now();
                         let issued = b.engine.run_round(b.now).expect("round");
                         total += started.elapsed();
-                        assert_eq!(
-                            issued, 8,
-                            "a round at the default config issues batch_size pairs"
-                        );
+                        // Up to batch_size: a pick reusing a response of an earlier pick is dropped.
+                        assert!((1..=8).contains(&issued), "round issued {issued} requests");
                     }
                     total
                 })

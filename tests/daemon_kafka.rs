@@ -13,7 +13,6 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use armd::daemon::checkpoint::Checkpoint;
-use armd::daemon::config::Config;
 use armd::daemon::messages::{decode_f32_b64, DeadLetter};
 use armd::features::Scaler;
 use common::in_process::start_in_process;

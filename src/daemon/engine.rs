@@ -388,15 +388,22 @@ impl Engine {
     }
 
     /// Runs one selection round if one is due; returns the number of requests issued (also queued as
-    /// [`Output::Request`]).
+    /// [`Output::Request`]). The next interval counts from `now_ms` (a round that takes no time on the
+    /// caller's clock); the daemon uses [`Self::maybe_round_timed`].
     pub fn maybe_round(&mut self, now_ms: i64) -> usize {
+        self.maybe_round_timed(now_ms, || now_ms)
+    }
+
+    /// [`Self::maybe_round`], with the interval to the next round counted from the round's end as read
+    /// from `clock` after it: a round that takes about as long as the interval (d = 2048, full pool) must
+    /// not leave the engine thread selecting back to back, with labels and responses queueing behind it.
+    pub fn maybe_round_timed(&mut self, now_ms: i64, clock: impl FnOnce() -> i64) -> usize {
         let mut ev = Evicted::default();
         self.pool.purge_expired(now_ms, &mut ev);
         self.count_evictions(ev);
         if !self.round_due(now_ms) {
             return 0;
         }
-        let started = Instant::now();
         let issued = match self.run_round(now_ms) {
             Ok(n) => n,
             Err(e) => {
@@ -405,11 +412,7 @@ impl Engine {
                 0
             }
         };
-        // The interval counts from the round's end: a round that takes about as long as the interval
-        // (d = 2048, full pool) must not leave the engine thread selecting back to back, with labels and
-        // responses queueing behind it.
-        let took_ms = i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX);
-        self.last_round_ms = Some(now_ms.saturating_add(took_ms));
+        self.last_round_ms = Some(clock().max(now_ms));
         issued
     }
 

@@ -604,3 +604,21 @@ fn label_apply_delay_is_measured_from_the_label_timestamp() {
     assert_eq!(apply_delay_ms(now + 5000, now as f64), 0.0);
     assert_eq!(apply_delay_ms(now, now as f64 + 12.5), 12.5);
 }
+
+#[test]
+fn round_interval_counts_from_the_round_end() {
+    let c = cfg("ARMD__SELECTION__BATCH_SIZE = 1");
+    let mut w = World::new(4);
+    let mut e = warmed(&c, &mut w);
+    // A round started at 0 that ended at 900 on the clock: the 10 ms interval runs from 900.
+    assert_eq!(e.maybe_round_timed(0, || 900), 1);
+    assert_eq!(
+        e.maybe_round_timed(905, || 905),
+        0,
+        "interval counts from the end"
+    );
+    assert_eq!(e.maybe_round_timed(910, || 910), 1);
+    // A clock behind the start time cannot move the interval back.
+    assert_eq!(e.maybe_round_timed(920, || 0), 1);
+    assert_eq!(e.maybe_round_timed(925, || 925), 0);
+}
