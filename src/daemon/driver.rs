@@ -129,7 +129,7 @@ impl Driver {
         self.engine.poll_refit();
         self.engine.expire(now);
         if !self.stop.load(Ordering::Relaxed) {
-            self.engine.maybe_round(now);
+            self.engine.maybe_round_timed(now, now_ms);
         }
         if self.engine.export_due() {
             self.export(now);

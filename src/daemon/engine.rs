@@ -6,7 +6,7 @@
 //!   scaler's warm-up statistics.
 //! - **Selection rounds** ([`Engine::run_round`]): when the scaler is frozen, the in-flight budget
 //!   (`max_in_flight`) has room, the pool holds `min_pool` responses and `round_interval_ms` passed since
-//!   the last round. Picks up to `min(batch_size, free budget)` pairs with the configured strategy
+//!   the last round ended. Picks up to `min(batch_size, free budget)` pairs with the configured strategy
 //!   (`greedy-dopt` conditions on the in-flight pairs as already picked), issues one request per pick and
 //!   takes the used responses out of the pool (`pool.max_uses`).
 //! - **Request ids**: `<instance>-<sequence>-<hash(instance, sequence, response ids)>`. The sequence is
@@ -148,6 +148,20 @@ pub struct Engine {
 
 fn now_instant() -> Instant {
     Instant::now()
+}
+
+/// Wall clock in milliseconds since the Unix epoch, with sub-millisecond precision (0 before 1970).
+fn wall_ms() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64() * 1000.0)
+        .unwrap_or(0.0)
+}
+
+/// How long after its Kafka timestamp a label reached the posterior, in ms. A label stamped by a clock
+/// ahead of ours counts as 0 rather than negative.
+fn apply_delay_ms(label_timestamp_ms: i64, applied_wall_ms: f64) -> f64 {
+    (applied_wall_ms - label_timestamp_ms as f64).max(0.0)
 }
 
 impl Engine {
@@ -377,23 +391,32 @@ impl Engine {
     }
 
     /// Runs one selection round if one is due; returns the number of requests issued (also queued as
-    /// [`Output::Request`]).
+    /// [`Output::Request`]). The next interval counts from `now_ms` (a round that takes no time on the
+    /// caller's clock); the daemon uses [`Self::maybe_round_timed`].
     pub fn maybe_round(&mut self, now_ms: i64) -> usize {
+        self.maybe_round_timed(now_ms, || now_ms)
+    }
+
+    /// [`Self::maybe_round`], with the interval to the next round counted from the round's end as read
+    /// from `clock` after it: a round that takes about as long as the interval (d = 2048, full pool) must
+    /// not leave the engine thread selecting back to back, with labels and responses queueing behind it.
+    pub fn maybe_round_timed(&mut self, now_ms: i64, clock: impl FnOnce() -> i64) -> usize {
         let mut ev = Evicted::default();
         self.pool.purge_expired(now_ms, &mut ev);
         self.count_evictions(ev);
         if !self.round_due(now_ms) {
             return 0;
         }
-        self.last_round_ms = Some(now_ms);
-        match self.run_round(now_ms) {
+        let issued = match self.run_round(now_ms) {
             Ok(n) => n,
             Err(e) => {
                 self.m.selection_errors.increment(1);
                 tracing::error!(error = %e, "selection round failed");
                 0
             }
-        }
+        };
+        self.last_round_ms = Some(clock().max(now_ms));
+        issued
     }
 
     /// One selection round, unconditionally (the caller checked [`Self::round_due`]).
@@ -793,6 +816,9 @@ impl Engine {
         }
         let latency = (timestamp_ms - f.request.issued_at_ms).max(0) as f64 / 1000.0;
         self.m.label_latency.record(latency);
+        let apply_delay_ms = apply_delay_ms(timestamp_ms, wall_ms());
+        self.m.label_apply_delay.record(apply_delay_ms / 1000.0);
+        tracing::debug!(request = %id, apply_delay_ms, "label applied");
         self.m.labels_applied.increment(1);
         tracing::debug!(request = %id, labels_applied = self.posterior.labels_applied(), "label applied");
         f.annotators.push(annotator);

@@ -6,7 +6,7 @@
 //! responses are plentiful and cheap to lose, while checkpointing d floats per pooled response would
 //! dominate the checkpoint size.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use serde_json::Value;
@@ -40,6 +40,10 @@ pub struct Pool {
     ttl_ms: i64,
     entries: BTreeMap<u64, PoolEntry>,
     index: HashMap<(Arc<str>, Arc<str>), u64>,
+    /// (arrived_ms, slot) of every entry: the TTL purge pops stale entries from the front instead of
+    /// scanning the whole pool (it runs after every engine wake-up). Slots are not in arrival order: a
+    /// lapsed request's responses come back with their original arrival time.
+    by_arrival: BTreeSet<(i64, u64)>,
     next_slot: u64,
 }
 
@@ -50,6 +54,7 @@ impl Pool {
             ttl_ms,
             entries: BTreeMap::new(),
             index: HashMap::new(),
+            by_arrival: BTreeSet::new(),
             next_slot: 0,
         }
     }
@@ -83,28 +88,29 @@ impl Pool {
         let slot = self.next_slot;
         self.next_slot += 1;
         self.index.insert(key, slot);
+        self.by_arrival.insert((entry.arrived_ms, slot));
         self.entries.insert(slot, entry);
         true
     }
 
     pub fn remove(&mut self, slot: u64) -> Option<PoolEntry> {
         let e = self.entries.remove(&slot)?;
+        self.by_arrival.remove(&(e.arrived_ms, slot));
         self.index
             .remove(&(e.prompt_id.clone(), e.response_id.clone()));
         Some(e)
     }
 
-    /// Drops responses older than the TTL.
+    /// Drops responses older than the TTL (cost proportional to the number dropped).
     pub fn purge_expired(&mut self, now_ms: i64, evicted: &mut Evicted) {
-        let stale: Vec<u64> = self
-            .entries
-            .iter()
-            .filter(|(_, e)| now_ms - e.arrived_ms > self.ttl_ms)
-            .map(|(&s, _)| s)
-            .collect();
-        for s in stale {
-            self.remove(s);
-            evicted.ttl += 1;
+        while let Some(&(arrived, slot)) = self.by_arrival.first() {
+            if self.is_fresh(arrived, now_ms) {
+                break;
+            }
+            self.by_arrival.pop_first();
+            if self.remove(slot).is_some() {
+                evicted.ttl += 1;
+            }
         }
     }
 
@@ -171,5 +177,28 @@ mod tests {
         assert_eq!(ev.ttl, 1);
         assert!(pool.contains("p", "b"));
         assert!(!pool.is_fresh(0, 101) && pool.is_fresh(0, 100));
+    }
+
+    #[test]
+    fn ttl_purge_follows_arrival_time_not_insertion_order() {
+        let mut pool = Pool::new(10, 100);
+        let mut ev = Evicted::default();
+        pool.insert(entry("p", "new", 90), &mut ev);
+        // Re-offered from a lapsed request: inserted later, arrived earlier.
+        pool.insert(entry("p", "old", 10), &mut ev);
+        pool.insert(entry("p", "mid", 40), &mut ev);
+        pool.purge_expired(120, &mut ev); // only "old" (110 ms) is past the 100 ms TTL
+        assert_eq!((pool.len(), ev.ttl), (2, 1));
+        assert!(!pool.contains("p", "old") && pool.contains("p", "mid"));
+        // Entries removed otherwise (capacity, use) are not counted again by a later purge.
+        let mid = pool
+            .iter()
+            .find(|(_, e)| &*e.response_id == "mid")
+            .unwrap()
+            .0;
+        pool.remove(mid);
+        pool.purge_expired(1000, &mut ev);
+        assert_eq!((pool.len(), ev.ttl), (0, 2));
+        assert!(pool.by_arrival.is_empty());
     }
 }

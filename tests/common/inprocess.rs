@@ -27,6 +27,13 @@ pub struct InProcess {
     pub base: String,
 }
 
+impl InProcess {
+    /// Whether the daemon task has ended (failed start-up or a fatal error).
+    pub fn finished(&self) -> bool {
+        self.handle.is_finished()
+    }
+}
+
 /// Starts `armd run` with `cfg` on its own runtime, listening on a free local port.
 pub fn start_in_process(cfg: Config) -> InProcess {
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -3,6 +3,9 @@
 #![allow(dead_code)]
 
 pub mod inprocess;
+pub mod process;
+pub mod replay;
+pub mod stream;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -523,7 +526,3 @@ pub fn exported_model(dir: &Path) -> Option<(Vec<f64>, f64, u64)> {
         serde_json::from_slice(&std::fs::read(dir.join("model.json")).ok()?).ok()?;
     Some((w, meta["bias"].as_f64()?, meta["labels_applied"].as_u64()?))
 }
-
-pub mod process;
-pub mod replay;
-pub mod stream;

@@ -112,7 +112,12 @@ fn label(id: &str, y: f64, annotator: Option<&str>) -> std::result::Result<Label
 
 /// Fills the pool past warm-up and returns the engine with the scaler frozen.
 fn warmed(c: &Arc<Config>, w: &mut World) -> Engine {
-    let mut e = engine(c);
+    warmed_with(c, w, Telemetry::new().metrics)
+}
+
+/// [`warmed`], reporting to the given metrics.
+fn warmed_with(c: &Arc<Config>, w: &mut World, m: Arc<Metrics>) -> Engine {
+    let mut e = Engine::new(c.clone(), m, None).unwrap();
     for i in 0..12 {
         assert!(e.on_response(w.response(i % 4), 0));
     }
@@ -582,4 +587,76 @@ fn requests_not_confirmed_delivered_are_left_out_of_the_checkpoint() {
     );
     let ck = e.checkpoint(2);
     assert_eq!(ck.in_flight.len(), 1);
+}
+
+#[test]
+fn label_apply_delay_is_measured_from_the_label_timestamp() {
+    let c = cfg("");
+    let t = Telemetry::new();
+    let mut w = World::new(5);
+    let mut e = warmed_with(&c, &mut w, t.metrics.clone());
+    // Requests issued on the wall clock, so labels stamped 2 s ago are within their TTL.
+    let now = wall_ms() as i64;
+    assert!(e.run_round(now - 3000).unwrap() >= 2);
+    let reqs = requests(e.take_outputs());
+    // Labels stamped 2 s ago, applied now: each delay is at least 2 s (and far below a minute).
+    for (i, r) in reqs.iter().take(2).enumerate() {
+        let ts = now - 2000;
+        let o = e.on_label(
+            label(&r.request_id, 1.0, None),
+            None,
+            pos(i as i64),
+            ts,
+            now,
+        );
+        assert!(matches!(o, LabelOutcome::Applied { .. }), "{o:?}");
+    }
+    // A rejected label is not counted.
+    let o = e.on_label(
+        label("armd-0-999-0123456789abcdef", 1.0, None),
+        None,
+        pos(9),
+        now,
+        now,
+    );
+    assert_eq!(o, LabelOutcome::Rejected(Reason::UnknownRequest));
+    let text = t.render();
+    let value = |series: &str| {
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(series)?
+                    .strip_prefix(' ')?
+                    .parse::<f64>()
+                    .ok()
+            })
+            .unwrap_or_else(|| panic!("{series} missing:\n{text}"))
+    };
+    assert_eq!(value("armd_label_apply_delay_seconds_count"), 2.0);
+    let sum = value("armd_label_apply_delay_seconds_sum");
+    assert!((4.0..120.0).contains(&sum), "sum of two delays {sum}");
+    assert_eq!(
+        value("armd_label_apply_delay_seconds_bucket{le=\"1\"}"),
+        0.0
+    );
+    // A label stamped by a clock ahead of ours counts as no delay, not a negative one.
+    assert_eq!(apply_delay_ms(now + 5000, now as f64), 0.0);
+    assert_eq!(apply_delay_ms(now, now as f64 + 12.5), 12.5);
+}
+
+#[test]
+fn round_interval_counts_from_the_round_end() {
+    let c = cfg("ARMD__SELECTION__BATCH_SIZE = 1");
+    let mut w = World::new(4);
+    let mut e = warmed(&c, &mut w);
+    // A round started at 0 that ended at 900 on the clock: the 10 ms interval runs from 900.
+    assert_eq!(e.maybe_round_timed(0, || 900), 1);
+    assert_eq!(
+        e.maybe_round_timed(905, || 905),
+        0,
+        "interval counts from the end"
+    );
+    assert_eq!(e.maybe_round_timed(910, || 910), 1);
+    // A clock behind the start time cannot move the interval back.
+    assert_eq!(e.maybe_round_timed(920, || 0), 1);
+    assert_eq!(e.maybe_round_timed(925, || 925), 0);
 }

@@ -1,0 +1,845 @@
+//! The daemon's performance report (issue 4, BENCHMARKS.md "Daemon"), each figure next to the baseline it
+//! is reported against, measured in the same run:
+//!
+//! 1. `ingest`: armd's ingest rate (responses decoded, validated and pooled per second: the slope of
+//!    `armd_responses_accepted_total`) against the raw rdkafka consume rate of the same pre-produced
+//!    messages on the same broker (armd's own responses-consumer settings, fresh group, from the
+//!    beginning, touching each payload), at d = 768 and 2048, JSON number array and base64 embeddings.
+//!    armd runs twice per case: with the default configuration and with selection rounds held off
+//!    (`round_interval_ms` = 1 h: one early round on a small pool), to show whether the engine thread
+//!    limits ingest.
+//! 2. `label_delay`: label → posterior-updated delay at d = 2048 under the default configuration while
+//!    responses stream in at a steady rate and a simulated annotator answers every request: from the
+//!    label's Kafka CreateTime to the end of its rank-one update, exact per label (the engine's debug
+//!    event `label applied` carries `apply_delay_ms`; this bench captures it with a tracing layer).
+//! 3. `round`: `Engine::run_round` at the default configuration (pool full at its default capacity of
+//!    4096, greedy-dopt, 20,000 cross-prompt candidates, batch 8), d = 768 and 2048, against the `random`
+//!    strategy's round on the same engine state, and (select call only) against the paper-exact naive
+//!    D-optimal rule on an equal-sized pool.
+//!
+//! Parts 1 and 2 need a Kafka broker: `ARMD_BENCH_BROKERS=host:port`, otherwise one is started with
+//! `.ci/kafka.sh start` (and stopped at the end); if neither works they are skipped with a message.
+//! Part 3 is a criterion bench and needs no broker.
+//!
+//! Run: `cargo bench --bench daemon` (one part: `-- ingest`, `-- label_delay`, `-- round`).
+//! Sizes: `ARMD_BENCH_INGEST_MB` (payload megabytes pre-produced per ingest case, default 400),
+//! `ARMD_BENCH_REPEATS` (raw/armd measurements per case, default 2), `ARMD_BENCH_INGEST_CASES` (e.g.
+//! `2048-base64,768-json`: only these ingest cases), `ARMD_BENCH_INGEST_CONFIGS` (`default` or
+//! `no-rounds`: only that armd configuration), `ARMD_BENCH_DELAY_SECS` (length of
+//! the label-delay run, default 45).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use armd::daemon::config::Config;
+use armd::daemon::engine::Engine;
+use armd::daemon::engine::Output;
+use armd::daemon::kafka::Health;
+use armd::daemon::messages::{encode_f32_b64, LabelMsg, Response, SourcePosition};
+use armd::daemon::telemetry::Telemetry;
+use armd::posterior::Posterior;
+use armd::selection::{self, dopt, Round, SelectionInput, SelectionParams, StrategyKind};
+use criterion::{BenchmarkId, Criterion};
+use faer::Mat;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rdkafka::consumer::Consumer;
+use rdkafka::message::Message;
+use rdkafka::producer::Producer;
+
+use common::inprocess::start_in_process;
+use common::{create_topics, get, metric, Annotator, Topics, World};
+
+const DEFAULT_CONFIG: &str = include_str!("../config/armd.toml");
+
+// ------------------------------------------------------------------------------------------------
+// Broker
+
+/// The broker of this run: `ARMD_BENCH_BROKERS`, or one this bench started (stopped on drop).
+struct BenchBroker {
+    bootstrap: String,
+    own: Option<tempfile::TempDir>,
+}
+
+impl Drop for BenchBroker {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.own {
+            let _ = std::process::Command::new("bash")
+                .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/.ci/kafka.sh"))
+                .arg("stop")
+                .arg(dir.path())
+                .status();
+        }
+    }
+}
+
+fn bench_broker() -> Result<BenchBroker, String> {
+    if let Ok(b) = std::env::var("ARMD_BENCH_BROKERS") {
+        if !b.is_empty() {
+            return Ok(BenchBroker {
+                bootstrap: b,
+                own: None,
+            });
+        }
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("armd-bench-kafka")
+        .tempdir()
+        .map_err(|e| format!("cannot create a temp dir for the broker: {e}"))?;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/.ci/kafka.sh");
+    let out = std::process::Command::new("bash")
+        .arg(script)
+        .arg("start")
+        .arg(dir.path())
+        .output()
+        .map_err(|e| format!("cannot run {script}: {e}"))?;
+    if !out.status.success() {
+        // The script may have left a half-started broker behind.
+        let _ = std::process::Command::new("bash")
+            .arg(script)
+            .arg("stop")
+            .arg(dir.path())
+            .status();
+        return Err(format!(
+            "`{script} start` failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(BenchBroker {
+        bootstrap: String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        own: Some(dir),
+    })
+}
+
+fn uptime() -> String {
+    std::process::Command::new("uptime")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|_| "uptime unavailable".into())
+}
+
+fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
+    match std::env::var(key) {
+        Ok(s) => s
+            .parse()
+            .unwrap_or_else(|_| panic!("{key}={s:?} is not a valid number")),
+        Err(_) => default,
+    }
+}
+
+/// `config/armd.toml` (every default) pointed at this run's broker, topics and state directory, with
+/// `extra` overrides as `ARMD__SECTION__KEY` pairs.
+fn default_config(
+    bootstrap: &str,
+    t: &Topics,
+    state: &std::path::Path,
+    dim: usize,
+    group: &str,
+    extra: &[(&str, &str)],
+) -> Config {
+    let (dim, ckpt, export) = (
+        dim.to_string(),
+        state.join("armd.ckpt").display().to_string(),
+        state.join("model").display().to_string(),
+    );
+    let mut env: Vec<(&str, &str)> = vec![
+        ("ARMD__KAFKA__BROKERS", bootstrap),
+        ("ARMD__KAFKA__GROUP_ID", group),
+        ("ARMD__KAFKA__TOPICS__RESPONSES", &t.responses),
+        ("ARMD__KAFKA__TOPICS__REQUESTS", &t.requests),
+        ("ARMD__KAFKA__TOPICS__LABELS", &t.labels),
+        ("ARMD__KAFKA__TOPICS__MODELS", &t.models),
+        ("ARMD__KAFKA__TOPICS__DEAD_LETTER", &t.dead_letter),
+        ("ARMD__MODEL__DIM", &dim),
+        ("ARMD__CHECKPOINT__PATH", &ckpt),
+        ("ARMD__EXPORT__DIR", &export),
+        ("ARMD__HTTP__LISTEN", "127.0.0.1:0"),
+    ];
+    env.extend_from_slice(extra);
+    Config::from_toml_with_env(DEFAULT_CONFIG, &env).expect("bench configuration")
+}
+
+/// Polls `series` on the daemon's `/metrics` (`None` while it cannot be scraped).
+fn scrape(base: &str, series: &str) -> Option<f64> {
+    match get(&format!("{base}/metrics")) {
+        Some((200, text)) => metric(&text, series),
+        _ => None,
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// 1. Ingest throughput
+
+/// One response message of `d` values: JSON number array or base64 little-endian f32.
+fn response_payload(i: usize, x: &[f32], base64: bool) -> Vec<u8> {
+    let prompt = i / 8;
+    let mut m = serde_json::json!({
+        "schema": "armd.response.v1",
+        "prompt_id": format!("p{prompt}"),
+        "response_id": format!("p{prompt}-r{}", i % 8),
+        "metadata": {"model": "bench", "i": i},
+    });
+    if base64 {
+        m["embedding_b64"] = encode_f32_b64(x).into();
+    } else {
+        m["embedding"] = serde_json::to_value(x).expect("f32 array");
+    }
+    serde_json::to_vec(&m).expect("json")
+}
+
+/// Produces `n` responses of dimension `d`; returns the total payload bytes.
+fn produce_responses(bootstrap: &str, topic: &str, n: usize, d: usize, base64: bool) -> u64 {
+    let mut rng = StdRng::seed_from_u64(d as u64);
+    // 64 distinct embeddings, like LLM hidden states (offset and scale), reused across messages.
+    let xs: Vec<Vec<f32>> = (0..64)
+        .map(|_| {
+            (0..d)
+                .map(|_| 20.0 + 4.0 * rng.random_range(-1.0f32..1.0))
+                .collect()
+        })
+        .collect();
+    let p = common::producer(bootstrap);
+    let mut bytes = 0u64;
+    for i in 0..n {
+        let payload = response_payload(i, &xs[i % xs.len()], base64);
+        bytes += payload.len() as u64;
+        common::send(&p, topic, &format!("p{}", i / 8), &payload);
+        p.poll(Duration::ZERO);
+    }
+    p.flush(Duration::from_secs(120)).expect("flush responses");
+    bytes
+}
+
+/// Messages per second over the span from the first to the last of `n` messages.
+struct Rate {
+    msgs_per_s: f64,
+    span_s: f64,
+    /// CPU time of the consuming threads per message over the span (µs).
+    cpu_us_per_msg: f64,
+}
+
+/// The raw consume rate: armd's responses-consumer settings (same function), fresh group, every payload
+/// read (one byte per cache line summed), offsets neither stored nor committed.
+fn raw_consume(bootstrap: &str, t: &Topics, d: usize, n: usize, group: &str) -> Rate {
+    let state = tempfile::tempdir().expect("temp dir");
+    let cfg = default_config(
+        bootstrap,
+        t,
+        state.path(),
+        d,
+        group,
+        &[("ARMD__DAEMON__INSTANCE_ID", group)],
+    );
+    let consumer =
+        armd::daemon::ingest::consumer(&cfg, Arc::new(Health::default()), Telemetry::new().metrics)
+            .expect("raw consumer");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let (mut first, mut count, mut touched) = (None, 0usize, 0u64);
+    let mut times0 = ThreadTimes::new();
+    while count < n {
+        assert!(
+            Instant::now() < deadline,
+            "raw consumer: {count}/{n} messages in 300 s"
+        );
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(msg)) => {
+                if first.is_none() {
+                    times0 = thread_times();
+                    first = Some(Instant::now());
+                }
+                if let Some(p) = msg.payload() {
+                    touched =
+                        touched.wrapping_add(p.iter().step_by(64).map(|&b| u64::from(b)).sum());
+                }
+                count += 1;
+            }
+            Some(Err(e)) => eprintln!("raw consumer error: {e}"),
+            None => {}
+        }
+    }
+    let span = first.expect("n >= 1").elapsed().as_secs_f64();
+    let pid = std::process::id();
+    // This thread (the consuming one: the main thread) and librdkafka's threads.
+    let cpu = thread_delta(&times0, &thread_times(), |tid, name| {
+        tid == pid || name.starts_with("rdk:")
+    });
+    std::hint::black_box(touched);
+    consumer.unsubscribe();
+    Rate {
+        msgs_per_s: (n - 1) as f64 / span,
+        span_s: span,
+        cpu_us_per_msg: cpu.values().map(|c| c.0).sum::<f64>() * 1e6 / (n - 1) as f64,
+    }
+}
+
+/// Per thread of this process (by id): name, seconds on a CPU and seconds runnable but waiting for
+/// one, so far (from /proc/self/task/*/schedstat; empty where unavailable).
+type ThreadTimes = std::collections::BTreeMap<u32, (String, f64, f64)>;
+
+fn thread_times() -> ThreadTimes {
+    let mut out = ThreadTimes::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return out;
+    };
+    for t in tasks.flatten() {
+        let Some(tid) = t.file_name().to_str().and_then(|s| s.parse().ok()) else {
+            continue;
+        };
+        let name = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        // schedstat: ns on a CPU, ns runnable but waiting for a CPU, timeslices.
+        let stat = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
+        let f: Vec<f64> = stat
+            .split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        if let (Some(run), Some(wait)) = (f.first(), f.get(1)) {
+            out.insert(tid, (name.trim().to_string(), run / 1e9, wait / 1e9));
+        }
+    }
+    out
+}
+
+/// CPU and wait seconds between two snapshots, summed by thread name, for threads `pick` selects.
+fn thread_delta(
+    before: &ThreadTimes,
+    after: &ThreadTimes,
+    pick: impl Fn(u32, &str) -> bool,
+) -> std::collections::BTreeMap<String, (f64, f64)> {
+    let mut out = std::collections::BTreeMap::new();
+    for (tid, (name, run1, wait1)) in after {
+        if !pick(*tid, name) {
+            continue;
+        }
+        let (run0, wait0) = before.get(tid).map_or((0.0, 0.0), |b| (b.1, b.2));
+        let e = out.entry(name.clone()).or_insert((0.0, 0.0));
+        e.0 += run1 - run0;
+        e.1 += wait1 - wait0;
+    }
+    out
+}
+
+/// armd's ingest rate: the slope of `armd_responses_accepted_total` from its first non-zero scrape to
+/// the scrape where it reaches `n` (group join and start-up excluded). Scraped every 20 ms.
+fn armd_ingest(cfg: Config, n: usize) -> Rate {
+    let d = start_in_process(cfg);
+    let series = "armd_responses_accepted_total";
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let mut start: Option<(Instant, f64)> = None;
+    let mut times0 = ThreadTimes::new();
+    let end = loop {
+        assert!(!d.finished(), "the daemon stopped while ingesting");
+        assert!(Instant::now() < deadline, "armd ingest: not done in 600 s");
+        if let Some(v) = scrape(&d.base, series) {
+            let now = Instant::now();
+            if v > 0.0 && start.is_none() {
+                start = Some((now, v));
+                times0 = thread_times();
+            }
+            if v >= n as f64 {
+                break now;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let times1 = thread_times();
+    let (t0, c0) = start.expect("started before finishing");
+    let span = end.duration_since(t0).as_secs_f64();
+    d.shutdown().expect("daemon shutdown");
+    // The daemon's threads: engine, responses, labels, checkpoint writer, librdkafka's, and the
+    // tokio/rayon workers (HTTP; the parallel linear algebra of selection rounds).
+    let cpu = thread_delta(&times0, &times1, |_, name| {
+        name.starts_with("armd-") || name.starts_with("rdk:") || name.starts_with("tokio-rt")
+    });
+    // Share of the window each thread ran, and waited runnable: near 100 % together is the limit.
+    let busy: Vec<String> = cpu
+        .iter()
+        .filter(|(_, &(run, _))| run > 0.01 * span)
+        .map(|(name, &(run, wait))| {
+            format!(
+                "{name} {:.0}% (+{:.0}% waiting for a CPU)",
+                100.0 * run / span,
+                100.0 * wait / span
+            )
+        })
+        .collect();
+    eprintln!("  armd threads busy: {}", busy.join(", "));
+    Rate {
+        msgs_per_s: (n as f64 - c0) / span,
+        span_s: span,
+        cpu_us_per_msg: cpu.values().map(|c| c.0).sum::<f64>() * 1e6 / (n as f64 - c0),
+    }
+}
+
+fn ingest(bootstrap: &str) {
+    let target_mb: f64 = env_or("ARMD_BENCH_INGEST_MB", 400.0);
+    let repeats: usize = env_or("ARMD_BENCH_REPEATS", 2);
+    println!("\n## ingest (payload {target_mb} MB per case, {repeats} repeats)\n");
+    println!("load before: {}", uptime());
+    println!("| d | encoding | N | bytes/msg | run | raw msgs/s | raw MB/s | armd default msgs/s | ratio | armd no-rounds msgs/s | ratio | CPU µs/msg raw / default / no-rounds | spans s raw / default / no-rounds |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    // Consumer groups (and static member ids) unique to this run.
+    let tag = std::process::id();
+    let mut case = 0;
+    for d in [768usize, 2048] {
+        for (name, b64) in [("json", false), ("base64", true)] {
+            case += 1;
+            let id = format!("{d}-{name}");
+            if let Ok(only) = std::env::var("ARMD_BENCH_INGEST_CASES") {
+                if !only.split(',').any(|c| c.trim() == id) {
+                    continue;
+                }
+            }
+            let t = create_topics(bootstrap, &format!("ingest-{d}-{name}"));
+            let one = response_payload(0, &vec![21.234_567_f32; d], b64).len() as f64;
+            let n = ((target_mb * 1e6 / one) as usize).max(1000);
+            let t_prod = Instant::now();
+            let bytes = produce_responses(bootstrap, &t.responses, n, d, b64);
+            let per_msg = bytes as f64 / n as f64;
+            eprintln!(
+                "ingest d={d} {name}: produced {n} messages ({:.0} MB) in {:.1} s",
+                bytes as f64 / 1e6,
+                t_prod.elapsed().as_secs_f64()
+            );
+            for run in 1..=repeats {
+                let raw = raw_consume(bootstrap, &t, d, n, &format!("raw-{tag}-{case}-{run}"));
+                let mut rates = Vec::new();
+                for (label, extra) in [
+                    ("default", &[][..]),
+                    (
+                        "no-rounds",
+                        &[("ARMD__SELECTION__ROUND_INTERVAL_MS", "3600000")][..],
+                    ),
+                ] {
+                    if std::env::var("ARMD_BENCH_INGEST_CONFIGS")
+                        .is_ok_and(|only| !only.split(',').any(|c| c.trim() == label))
+                    {
+                        rates.push(Rate {
+                            msgs_per_s: f64::NAN,
+                            span_s: f64::NAN,
+                            cpu_us_per_msg: f64::NAN,
+                        });
+                        continue;
+                    }
+                    let state = tempfile::tempdir().expect("temp dir");
+                    let group = format!("armd-{tag}-{case}-{run}-{label}");
+                    let mut env = vec![("ARMD__DAEMON__INSTANCE_ID", group.as_str())];
+                    env.extend_from_slice(extra);
+                    let cfg = default_config(bootstrap, &t, state.path(), d, &group, &env);
+                    rates.push(armd_ingest(cfg, n));
+                }
+                println!(
+                    "| {d} | {name} | {n} | {per_msg:.0} | {run} | {:.0} | {:.1} | {:.0} | {:.2} | {:.0} | {:.2} | {:.1} / {:.1} / {:.1} | {:.2} / {:.1} / {:.1} |",
+                    raw.msgs_per_s,
+                    raw.msgs_per_s * per_msg / 1e6,
+                    rates[0].msgs_per_s,
+                    rates[0].msgs_per_s / raw.msgs_per_s,
+                    rates[1].msgs_per_s,
+                    rates[1].msgs_per_s / raw.msgs_per_s,
+                    raw.cpu_us_per_msg,
+                    rates[0].cpu_us_per_msg,
+                    rates[1].cpu_us_per_msg,
+                    raw.span_s,
+                    rates[0].span_s,
+                    rates[1].span_s,
+                );
+            }
+        }
+    }
+    println!("\nload after: {}", uptime());
+}
+
+// ------------------------------------------------------------------------------------------------
+// 2. Label → posterior-updated delay
+
+/// Captures `apply_delay_ms` of the engine's `label applied` debug events (exact per-label delays).
+struct DelayCapture {
+    values: Arc<Mutex<Vec<f64>>>,
+    recording: Arc<AtomicBool>,
+}
+
+struct DelayField(Option<f64>);
+
+impl tracing::field::Visit for DelayField {
+    fn record_f64(&mut self, field: &tracing::field::Field, value: f64) {
+        if field.name() == "apply_delay_ms" {
+            self.0 = Some(value);
+        }
+    }
+    fn record_debug(&mut self, _: &tracing::field::Field, _: &dyn std::fmt::Debug) {}
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for DelayCapture {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        if !self.recording.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut f = DelayField(None);
+        event.record(&mut f);
+        if let Some(v) = f.0 {
+            self.values
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(v);
+        }
+    }
+}
+
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    // Nearest rank.
+    let i = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i]
+}
+
+fn label_delay(bootstrap: &str, values: &Arc<Mutex<Vec<f64>>>, recording: &Arc<AtomicBool>) {
+    let d = 2048;
+    let secs: u64 = env_or("ARMD_BENCH_DELAY_SECS", 45);
+    let rate: u64 = env_or("ARMD_BENCH_DELAY_RATE", 500);
+    let warm = Duration::from_secs(12);
+    println!(
+        "\n## label_delay (d = {d}, default config, responses at {rate}/s base64, {secs} s, first {} s not measured)\n",
+        warm.as_secs()
+    );
+    println!("load before: {}", uptime());
+    let t = create_topics(bootstrap, "label-delay");
+    let state = tempfile::tempdir().expect("temp dir");
+    let cfg = default_config(
+        bootstrap,
+        &t,
+        state.path(),
+        d,
+        &format!("armd-delay-{}", std::process::id()),
+        &[("ARMD__DAEMON__INSTANCE_ID", "armd-delay")],
+    );
+    let mut world = World::new(d, 11);
+    let golden = world.golden.clone();
+    // Steady response stream (base64), paced to `rate` per second, 8 responses per prompt.
+    let stop = Arc::new(AtomicBool::new(false));
+    let produced = Arc::new(AtomicU64::new(0));
+    let streamer = {
+        let (bootstrap, topic, stop, produced) = (
+            bootstrap.to_string(),
+            t.responses.clone(),
+            stop.clone(),
+            produced.clone(),
+        );
+        std::thread::spawn(move || {
+            let p = common::producer(&bootstrap);
+            let started = Instant::now();
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                for s in world.prompts(1, 8) {
+                    let payload = serde_json::json!({
+                        "schema": "armd.response.v1",
+                        "prompt_id": format!("p{}", s.prompt),
+                        "response_id": s.response_id,
+                        "embedding_b64": encode_f32_b64(&s.x),
+                    })
+                    .to_string();
+                    common::send(&p, &topic, &format!("p{}", s.prompt), payload.as_bytes());
+                    i += 1;
+                }
+                p.poll(Duration::ZERO);
+                produced.store(i, Ordering::Relaxed);
+                let due = started + Duration::from_secs_f64(i as f64 / rate as f64);
+                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+            }
+            let _ = p.flush(Duration::from_secs(30));
+        })
+    };
+    let daemon = start_in_process(cfg).wait_ready(Duration::from_secs(90));
+    let mut annotator = Annotator::start(bootstrap, &t.requests, &t.labels, golden, 1.0);
+    std::thread::sleep(warm);
+    values.lock().unwrap().clear();
+    recording.store(true, Ordering::Relaxed);
+    let measured_from = Instant::now();
+    let base = daemon.base.clone();
+    let (mut pool_min, mut pool_max) = (f64::INFINITY, 0.0f64);
+    while measured_from.elapsed() < Duration::from_secs(secs.saturating_sub(warm.as_secs())) {
+        if let Some(v) = scrape(&base, "armd_pool_responses") {
+            pool_min = pool_min.min(v);
+            pool_max = pool_max.max(v);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    recording.store(false, Ordering::Relaxed);
+    let text = get(&format!("{base}/metrics"))
+        .map(|(_, t)| t)
+        .unwrap_or_default();
+    stop.store(true, Ordering::Relaxed);
+    streamer.join().expect("streamer");
+    annotator.stop();
+    let labels_sent = annotator.sent();
+    daemon.shutdown().expect("daemon shutdown");
+    let mut v = values.lock().unwrap().clone();
+    v.sort_by(f64::total_cmp);
+    let m = |s: &str| metric(&text, s).unwrap_or(f64::NAN);
+    let rounds = m("armd_selection_rounds_total");
+    let round_mean =
+        m("armd_selection_duration_seconds_sum") / m("armd_selection_duration_seconds_count");
+    let update_mean =
+        m("armd_update_duration_seconds_sum") / m("armd_update_duration_seconds_count");
+    println!(
+        "responses produced {} ({:.0}/s), labels sent {labels_sent}, labels measured {}, pool {pool_min:.0}..{pool_max:.0}",
+        produced.load(Ordering::Relaxed),
+        produced.load(Ordering::Relaxed) as f64 / secs as f64,
+        v.len()
+    );
+    println!(
+        "selection rounds {rounds} (mean {:.3} s), one-label update mean {:.2} ms (whole run, from /metrics)",
+        round_mean,
+        update_mean * 1e3
+    );
+    if v.is_empty() {
+        println!("no label was applied during the measured window");
+    } else {
+        println!("| labels | p50 ms | p90 ms | p99 ms | max ms | mean ms |");
+        println!("|---|---|---|---|---|---|");
+        println!(
+            "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            v.len(),
+            quantile(&v, 0.5),
+            quantile(&v, 0.9),
+            quantile(&v, 0.99),
+            v[v.len() - 1],
+            v.iter().sum::<f64>() / v.len() as f64
+        );
+    }
+    println!("load after: {}", uptime());
+}
+
+// ------------------------------------------------------------------------------------------------
+// 3. Selection round at the default configuration
+
+/// Engine state at the default configuration (dimension `d`, strategy `strategy`) with the pool filled
+/// to its capacity; `refit_every = 0` so no background refit competes for the cores.
+struct RoundBench {
+    engine: Engine,
+    rng: StdRng,
+    next: usize,
+    offset: i64,
+    now: i64,
+}
+
+impl RoundBench {
+    fn new(d: usize, strategy: &str) -> Self {
+        let dim = d.to_string();
+        let cfg = Config::from_toml_with_env(
+            DEFAULT_CONFIG,
+            &[
+                ("ARMD__MODEL__DIM", &dim),
+                ("ARMD__MODEL__REFIT_EVERY", "0"),
+                ("ARMD__SELECTION__STRATEGY", strategy),
+            ],
+        )
+        .expect("default configuration");
+        let engine = Engine::new(Arc::new(cfg), Telemetry::new().metrics, None).expect("engine");
+        let mut b = RoundBench {
+            engine,
+            rng: StdRng::seed_from_u64(5),
+            next: 0,
+            offset: 0,
+            now: 1_000_000,
+        };
+        b.refill();
+        b
+    }
+
+    fn refill(&mut self) {
+        let d = self.engine.posterior().dim();
+        while self.engine.pool_len() < 4096 {
+            let i = self.next;
+            self.next += 1;
+            let r = Response {
+                prompt_id: format!("p{}", i / 8),
+                response_id: format!("p{}-r{}", i / 8, i % 8),
+                embedding: (0..d)
+                    .map(|_| 20.0 + 4.0 * self.rng.random_range(-1.0f32..1.0))
+                    .collect(),
+                metadata: None,
+            };
+            self.engine.on_response(r, self.now);
+        }
+    }
+
+    /// Labels every request of the last round (so the in-flight budget stays free) and refills the pool.
+    fn settle(&mut self) {
+        for o in self.engine.take_outputs() {
+            if let Output::Request(r) = o {
+                let y = if self.rng.random::<bool>() { 1.0 } else { 0.0 };
+                let pos = SourcePosition {
+                    topic: "labels".into(),
+                    partition: 0,
+                    offset: self.offset,
+                };
+                self.offset += 1;
+                let label = LabelMsg {
+                    request_id: r.request_id.clone(),
+                    y,
+                    annotator_id: None,
+                };
+                self.engine
+                    .on_label(Ok(label), None, pos, self.now, self.now);
+            }
+        }
+        self.refill();
+    }
+}
+
+/// The select call alone on a pool of the same size (N = 4096, 20,000 cross pairs, k = 8): greedy-dopt vs
+/// the paper's naive D-optimal rule (materialised candidate Fisher matrix).
+struct SelectOnly {
+    posterior: Posterior,
+    x: Mat<f64>,
+    pairs: Vec<armd::candidates::Pair>,
+}
+
+impl SelectOnly {
+    fn new(d: usize) -> Self {
+        let mut rng = StdRng::seed_from_u64(9);
+        let mut posterior = Posterior::new(d, 1.0).expect("posterior");
+        for _ in 0..64 {
+            let v: Vec<f64> = (0..d).map(|_| rng.random_range(-1.0..1.0)).collect();
+            posterior
+                .update(&v, f64::from(rng.random::<bool>()))
+                .expect("update");
+        }
+        let x = Mat::<f64>::from_fn(d, 4096, |_, _| rng.random_range(-2.0..2.0));
+        let prompts: Vec<u64> = (0..4096u64).map(|i| i / 8).collect();
+        let opts = armd::candidates::CandidateOptions {
+            mode: armd::candidates::CandidateMode::Cross,
+            max_cross_pairs: 20_000,
+            max_within_pairs: 20_000,
+        };
+        let pairs = armd::candidates::generate(&prompts, &opts, &mut rng);
+        Self {
+            posterior,
+            x,
+            pairs,
+        }
+    }
+    fn input(&self) -> SelectionInput<'_> {
+        SelectionInput {
+            posterior: &self.posterior,
+            embeddings: self.x.as_ref(),
+            candidates: &self.pairs,
+            in_flight: &[],
+            k: 8,
+        }
+    }
+}
+
+fn rounds(c: &mut Criterion) {
+    let mut g = c.benchmark_group("round");
+    g.sample_size(10);
+    g.warm_up_time(Duration::from_secs(1));
+    g.measurement_time(Duration::from_secs(5));
+    eprintln!("round: load {}", uptime());
+    for d in [768usize, 2048] {
+        for strategy in ["greedy-dopt", "random"] {
+            let mut b = RoundBench::new(d, strategy);
+            g.bench_function(BenchmarkId::new(format!("engine_{strategy}"), d), |bench| {
+                bench.iter_custom(|iters| {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        b.settle();
+                        let started = Instant::now();
+                        let issued = b.engine.run_round(b.now).expect("round");
+                        total += started.elapsed();
+                        // Up to batch_size: a pick reusing a response of an earlier pick is dropped.
+                        assert!((1..=8).contains(&issued), "round issued {issued} requests");
+                    }
+                    total
+                })
+            });
+        }
+        let s = SelectOnly::new(d);
+        let params = SelectionParams::default();
+        g.bench_function(BenchmarkId::new("select_greedy-dopt", d), |bench| {
+            bench.iter(|| {
+                let mut rng = StdRng::seed_from_u64(0);
+                std::hint::black_box(
+                    selection::select(StrategyKind::GreedyDopt, s.input(), &params, &mut rng)
+                        .expect("select"),
+                )
+            })
+        });
+        if d == 768 {
+            // At d = 2048 the naive rule's 20,000 materialised differences and their Fisher products take
+            // minutes per round; it is compared at 768 only.
+            g.bench_function(BenchmarkId::new("select_dopt_naive", d), |bench| {
+                bench.iter(|| {
+                    let mut round = Round::new(s.input()).expect("round");
+                    std::hint::black_box(dopt::dopt_naive(&mut round, &params).expect("naive"))
+                })
+            });
+        }
+    }
+    g.finish();
+    eprintln!("round: load {}", uptime());
+}
+
+// ------------------------------------------------------------------------------------------------
+
+fn main() {
+    // Positional arguments (not flags) filter the parts, like criterion's own filter.
+    let filters: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let wanted =
+        |part: &str| filters.is_empty() || filters.iter().any(|f| part.contains(f.as_str()));
+
+    let values = Arc::new(Mutex::new(Vec::new()));
+    let recording = Arc::new(AtomicBool::new(false));
+    {
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::util::SubscriberInitExt;
+        use tracing_subscriber::Layer;
+        let capture = DelayCapture {
+            values: values.clone(),
+            recording: recording.clone(),
+        }
+        .with_filter(
+            tracing_subscriber::filter::Targets::new()
+                .with_target("armd::daemon::engine", tracing::Level::DEBUG),
+        );
+        let log = tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_filter(tracing_subscriber::EnvFilter::new(
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            ));
+        let _ = tracing_subscriber::registry()
+            .with(capture)
+            .with(log)
+            .try_init();
+    }
+
+    if wanted("ingest") || wanted("label_delay") {
+        match bench_broker() {
+            Err(why) => println!(
+                "SKIPPED ingest and label_delay: no Kafka broker ({why}). Set ARMD_BENCH_BROKERS=host:port \
+                 or make `.ci/kafka.sh start` work (Java + the jars from `.ci/kafka.sh fetch`)."
+            ),
+            Ok(broker) => {
+                println!("broker {}", broker.bootstrap);
+                if wanted("ingest") {
+                    ingest(&broker.bootstrap);
+                }
+                if wanted("label_delay") {
+                    label_delay(&broker.bootstrap, &values, &recording);
+                }
+            }
+        }
+    }
+    if wanted("round") {
+        let mut c = Criterion::default().configure_from_args();
+        rounds(&mut c);
+        c.final_summary();
+    }
+}
