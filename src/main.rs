@@ -43,6 +43,8 @@ struct RunArgs {
 }
 
 fn main() -> ExitCode {
+    // Before any thread starts: large blocks on mmap, so freed pool matrices go back to the system.
+    daemon::alloc::fix_mmap_threshold();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(args),

@@ -18,6 +18,7 @@
 //! - [`export`]: `.npy` + JSON model files.
 //! - [`kafka`], [`ingest`], [`labels`], [`recovery`], [`driver`]: thin Kafka I/O around the engine.
 //! - [`http`], [`telemetry`]: the HTTP endpoints, the metric catalogue and logging.
+//! - [`alloc`]: glibc malloc tuning: large blocks always on mmap, so freed round matrices leave RSS.
 //!
 //! **Exactly-once labels.** The labels consumer has no group management; its positions are stored in the
 //! same atomic checkpoint as the posterior they produced, and on start it is assigned at exactly those
@@ -39,6 +40,7 @@
 //! the consumers stop fetching, the engine drains what they delivered, exports the model, flushes the
 //! producer, writes the final checkpoint and commits, then `run` returns `Ok(())`.
 
+pub mod alloc;
 pub mod checkpoint;
 pub mod config;
 pub mod driver;
