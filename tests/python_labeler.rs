@@ -7,6 +7,7 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::inprocess::start_in_process;
 use common::*;
 
 #[test]
@@ -27,19 +28,7 @@ fn python_labeler_drives_the_daemon_and_python_scores_with_the_export() {
     )
     .unwrap();
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-    let daemon = rt.spawn(armd::daemon::run_with_listener(cfg, listener, async move {
-        let _ = rx.await;
-    }));
+    let daemon = start_in_process(cfg);
     send_responses(b, &t.responses, &train);
 
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/labeler.py");
@@ -83,14 +72,13 @@ fn python_labeler_drives_the_daemon_and_python_scores_with_the_export() {
     );
     assert!(out.contains("\"labels_sent\": 60"), "{out}");
     let text = wait_metric(
-        &base,
+        &daemon.base,
         "armd_model_labels_applied",
         Duration::from_secs(30),
         |v| v >= 60.0,
     );
     assert_eq!(metric(&text, "armd_model_labels_applied"), Some(60.0));
-    let _ = stop.send(());
-    rt.block_on(daemon).unwrap().expect("clean shutdown");
+    daemon.shutdown().expect("clean shutdown");
 
     // Score held-out responses in Python with the exported files only.
     let xs: Vec<f64> = test
