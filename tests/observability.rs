@@ -2,8 +2,9 @@
 //! reference metrics the daemon exports, `promtool` accepts the rules and the exposition text, and the
 //! dashboard is structurally valid Grafana JSON.
 
+mod common;
+
 use std::collections::BTreeSet;
-use std::io::Write;
 use std::process::{Command, Stdio};
 
 use armd::daemon::telemetry::{Kind, Telemetry, CATALOGUE};
@@ -128,30 +129,9 @@ fn promtool_accepts_the_alert_rules() {
 
 #[test]
 fn promtool_accepts_the_exposition_text() {
-    let Some(tool) = promtool() else { return };
     // The same recorder and renderer that serve the daemon's /metrics endpoint.
     let telemetry = Telemetry::new();
     let text = telemetry.render();
     assert!(text.contains("armd_labels_applied_total"));
-    let mut child = Command::new(tool)
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool check metrics (exit {:?}):\n{}{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::promtool_check_metrics(&text);
 }

@@ -526,3 +526,38 @@ pub fn exported_model(dir: &Path) -> Option<(Vec<f64>, f64, u64)> {
         serde_json::from_slice(&std::fs::read(dir.join("model.json")).ok()?).ok()?;
     Some((w, meta["bias"].as_f64()?, meta["labels_applied"].as_u64()?))
 }
+
+/// An exposition text (a live `/metrics` scrape or the recorder's render) must pass
+/// `promtool check metrics`. promtool comes from `.ci/run`; locally the check is skipped without it.
+pub fn promtool_check_metrics(text: &str) {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let Ok(mut child) = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "promtool is required in CI"
+        );
+        eprintln!("promtool not found: skipping the exposition check");
+        return;
+    };
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics on the live scrape (exit {:?}):\n{}{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
