@@ -26,7 +26,9 @@ use armd::daemon::config::Config;
 use armd::daemon::messages::DeadLetter;
 use common::process::{with_fixed_port, Armd};
 use common::replay;
-use common::stream::{one_labels_partition, Feeder, SlowAnnotator};
+use common::stream::{
+    one_labels_partition, stop_and_wait_until_all_applied, Feeder, SlowAnnotator,
+};
 use common::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -247,20 +249,7 @@ fn kill_9_at_random_moments_loses_no_label_and_matches_a_replay_from_scratch() {
         d
     };
     std::thread::sleep(Duration::from_secs(2));
-    feeder.stop();
-    annotator.stop();
-    let sent = annotator.sent();
-    let text = wait_metric(
-        &d.base,
-        "armd_model_labels_applied",
-        Duration::from_secs(60),
-        |v| v >= sent as f64,
-    );
-    assert_eq!(
-        metric(&text, "armd_model_labels_applied"),
-        Some(sent as f64),
-        "labels applied vs sent"
-    );
+    let (sent, _) = stop_and_wait_until_all_applied(&d.base, &mut feeder, &mut annotator);
     let exit = d.terminate(Duration::from_secs(60));
     assert!(
         exit.success(),

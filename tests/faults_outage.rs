@@ -16,7 +16,9 @@ use armd::daemon::config::Config;
 use armd::daemon::messages::DeadLetter;
 use common::process::{with_fixed_port, Armd, OwnedBroker};
 use common::replay;
-use common::stream::{one_labels_partition, Feeder, SlowAnnotator};
+use common::stream::{
+    one_labels_partition, stop_and_wait_until_all_applied, Feeder, SlowAnnotator,
+};
 use common::*;
 
 const DIM: usize = 32;
@@ -152,20 +154,7 @@ fn broker_outage_keeps_the_daemon_up_not_ready_and_loses_no_label() {
         std::thread::sleep(Duration::from_millis(200));
     }
 
-    feeder.stop();
-    annotator.stop();
-    let sent = annotator.sent();
-    let text = wait_metric(
-        &d.base,
-        "armd_model_labels_applied",
-        Duration::from_secs(60),
-        |v| v >= sent as f64,
-    );
-    assert_eq!(
-        metric(&text, "armd_model_labels_applied"),
-        Some(sent as f64),
-        "labels applied vs sent"
-    );
+    let (sent, text) = stop_and_wait_until_all_applied(&d.base, &mut feeder, &mut annotator);
     for line in text
         .lines()
         .filter(|l| l.starts_with("armd_labels_rejected_total{"))

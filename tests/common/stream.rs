@@ -19,7 +19,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::producer::Producer;
 
-use super::{producer, send, Topics, World};
+use super::{metric, producer, send, wait_metric, Topics, World};
 
 /// Replaces `t.labels` with a new topic of ONE partition (the replay checker needs the topic order to be
 /// the applied order; see `replay`). The two-partition labels topic of `create_topics` stays unused.
@@ -226,4 +226,29 @@ fn join_quietly<T>(h: JoinHandle<T>, what: &str) -> Option<T> {
         Err(_) if std::thread::panicking() => None,
         Err(_) => panic!("the {what} thread panicked"),
     }
+}
+
+/// Stops the response stream and the annotator, waits until the daemon at `base` applied every label
+/// the annotator sent, and asserts the count is exactly that (none lost, none twice). Returns the number
+/// sent and the last `/metrics` text.
+pub fn stop_and_wait_until_all_applied(
+    base: &str,
+    feeder: &mut Feeder,
+    annotator: &mut SlowAnnotator,
+) -> (u64, String) {
+    feeder.stop();
+    annotator.stop();
+    let sent = annotator.sent();
+    let text = wait_metric(
+        base,
+        "armd_model_labels_applied",
+        Duration::from_secs(60),
+        |v| v >= sent as f64,
+    );
+    assert_eq!(
+        metric(&text, "armd_model_labels_applied"),
+        Some(sent as f64),
+        "labels applied vs sent"
+    );
+    (sent, text)
 }
