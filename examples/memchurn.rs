@@ -15,6 +15,7 @@ use std::sync::mpsc::sync_channel;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use armd::daemon::alloc::malloc_stats;
 use armd::daemon::config::Config;
 use armd::daemon::engine::{Engine, Output};
 use armd::daemon::messages::{LabelMsg, Response, SourcePosition};
@@ -24,21 +25,7 @@ use rand::{Rng, SeedableRng};
 
 const DEFAULT_CONFIG: &str = include_str!("../config/armd.toml");
 
-#[repr(C)]
-struct Mallinfo2 {
-    arena: usize,
-    ordblks: usize,
-    smblks: usize,
-    hblks: usize,
-    hblkhd: usize,
-    usmblks: usize,
-    fsmblks: usize,
-    uordblks: usize,
-    fordblks: usize,
-    keepcost: usize,
-}
 extern "C" {
-    fn mallinfo2() -> Mallinfo2;
     fn malloc_trim(pad: usize) -> i32;
 }
 
@@ -156,8 +143,7 @@ fn main() {
         }
         if last_print.elapsed() >= Duration::from_secs(2) {
             last_print = Instant::now();
-            // SAFETY: mallinfo2 only reads the allocator's statistics.
-            let mi = unsafe { mallinfo2() };
+            let mi = malloc_stats().expect("glibc malloc");
             let mb = |x: usize| x as f64 / 1048576.0;
             println!(
                 "{:.0},{},{},{:.0},{:.0},{:.0},{:.0}",
@@ -165,9 +151,9 @@ fn main() {
                 labels,
                 engine.posterior().label_count(),
                 rss_mb(),
-                mb(mi.uordblks),
-                mb(mi.fordblks),
-                mb(mi.hblkhd)
+                mb(mi.in_use),
+                mb(mi.free_retained),
+                mb(mi.mapped_bytes)
             );
         }
     }

@@ -6,28 +6,11 @@
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[test]
 fn large_blocks_stay_on_mmap_after_a_free() {
-    use armd::daemon::alloc::{fix_mmap_threshold, MMAP_THRESHOLD_ENV};
+    use armd::daemon::alloc::{fix_mmap_threshold, malloc_stats, MMAP_THRESHOLD_ENV};
 
-    #[repr(C)]
-    struct Mallinfo2 {
-        arena: usize,
-        ordblks: usize,
-        smblks: usize,
-        hblks: usize,
-        hblkhd: usize,
-        usmblks: usize,
-        fsmblks: usize,
-        uordblks: usize,
-        fordblks: usize,
-        keepcost: usize,
-    }
-    extern "C" {
-        fn mallinfo2() -> Mallinfo2;
-    }
     /// Blocks currently mapped on their own.
     fn mapped_blocks() -> usize {
-        // SAFETY: mallinfo2 only reads the allocator's statistics.
-        unsafe { mallinfo2() }.hblks
+        malloc_stats().expect("glibc malloc").mapped_blocks
     }
 
     if std::env::var_os(MMAP_THRESHOLD_ENV).is_some() {

@@ -46,3 +46,49 @@ fn set_mmap_threshold(bytes: usize) -> bool {
 fn set_mmap_threshold(_bytes: usize) -> bool {
     false
 }
+
+/// glibc's own accounting of the heap (`mallinfo2`), for tests and memory experiments.
+#[derive(Clone, Copy, Debug)]
+pub struct MallocStats {
+    /// Bytes in use (`uordblks`).
+    pub in_use: usize,
+    /// Bytes free but held by the arenas (`fordblks`).
+    pub free_retained: usize,
+    /// Blocks mapped on their own (`hblks`) and their bytes (`hblkhd`).
+    pub mapped_blocks: usize,
+    pub mapped_bytes: usize,
+}
+
+/// The allocator's statistics; `None` when the allocator is not glibc's.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+pub fn malloc_stats() -> Option<MallocStats> {
+    #[repr(C)]
+    struct Mallinfo2 {
+        arena: usize,
+        ordblks: usize,
+        smblks: usize,
+        hblks: usize,
+        hblkhd: usize,
+        usmblks: usize,
+        fsmblks: usize,
+        uordblks: usize,
+        fordblks: usize,
+        keepcost: usize,
+    }
+    extern "C" {
+        fn mallinfo2() -> Mallinfo2;
+    }
+    // SAFETY: mallinfo2 only reads the allocator's statistics.
+    let mi = unsafe { mallinfo2() };
+    Some(MallocStats {
+        in_use: mi.uordblks,
+        free_retained: mi.fordblks,
+        mapped_blocks: mi.hblks,
+        mapped_bytes: mi.hblkhd,
+    })
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+pub fn malloc_stats() -> Option<MallocStats> {
+    None
+}
