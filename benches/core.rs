@@ -6,31 +6,16 @@
 //!
 //! Run: `cargo bench --bench core` (filter with e.g. `-- update`).
 
-use armd::candidates::{self, CandidateMode, CandidateOptions};
-use armd::posterior::{Posterior, RefitOptions};
-use armd::selection::{self, dopt, Round, SelectionInput, SelectionParams, StrategyKind};
+mod shared;
+
+use armd::posterior::RefitOptions;
+use armd::selection::{self, dopt, Round, SelectionParams, StrategyKind};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use faer::Mat;
-use rand::{rngs::StdRng, Rng, SeedableRng};
+use rand::{rngs::StdRng, SeedableRng};
+use shared::{input, pool, random_vec, trained};
 use std::hint::black_box;
 use std::time::Duration;
-
-fn random_vec(d: usize, rng: &mut StdRng) -> Vec<f64> {
-    (0..d)
-        .map(|_| rng.random_range(-1.0..1.0) / (d as f64).sqrt())
-        .collect()
-}
-
-/// A posterior with `n` labels applied (non-trivial θ and H).
-fn trained(d: usize, n: usize, rng: &mut StdRng) -> Posterior {
-    let mut p = Posterior::new(d, 1.0).unwrap();
-    for _ in 0..n {
-        let v = random_vec(d, rng);
-        let y = if rng.random::<bool>() { 1.0 } else { 0.0 };
-        p.update(&v, y).unwrap();
-    }
-    p
-}
 
 fn bench_update(c: &mut Criterion) {
     let mut g = c.benchmark_group("update");
@@ -53,40 +38,6 @@ fn bench_update(c: &mut Criterion) {
         });
     }
     g.finish();
-}
-
-struct Pool {
-    posterior: Posterior,
-    x: Mat<f64>,
-    pairs: Vec<candidates::Pair>,
-}
-
-fn pool(d: usize, n: usize, max_cross: usize, labels: usize) -> Pool {
-    let mut rng = StdRng::seed_from_u64(7);
-    let posterior = trained(d, labels, &mut rng);
-    let x = Mat::<f64>::from_fn(d, n, |_, _| rng.random_range(-1.0..1.0) / (d as f64).sqrt());
-    let prompts: Vec<u64> = (0..n as u64).map(|i| i / 10).collect();
-    let opts = CandidateOptions {
-        mode: CandidateMode::Cross,
-        max_cross_pairs: max_cross,
-        max_within_pairs: 0,
-    };
-    let pairs = candidates::generate(&prompts, &opts, &mut rng);
-    Pool {
-        posterior,
-        x,
-        pairs,
-    }
-}
-
-fn input(p: &Pool, k: usize) -> SelectionInput<'_> {
-    SelectionInput {
-        posterior: &p.posterior,
-        embeddings: p.x.as_ref(),
-        candidates: &p.pairs,
-        in_flight: &[],
-        k,
-    }
 }
 
 fn bench_selection(c: &mut Criterion) {
