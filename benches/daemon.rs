@@ -23,7 +23,7 @@
 //!
 //! Run: `cargo bench --bench daemon` (one part: `-- ingest`, `-- label_delay`, `-- round`).
 //! Sizes: `ARMD_BENCH_INGEST_MB` (payload megabytes pre-produced per ingest case, default 400),
-//! `ARMD_BENCH_REPEATS` (raw/armd measurements per case, default 2), `ARMD_BENCH_INGEST_CASES` (e.g.
+//! `ARMD_BENCH_REPEATS` (raw/armd measurements per case, default 5; a summary gives medians), `ARMD_BENCH_INGEST_CASES` (e.g.
 //! `2048-base64,768-json`: only these ingest cases), `ARMD_BENCH_INGEST_CONFIGS` (`default` or
 //! `no-rounds`: only that armd configuration), `ARMD_BENCH_DELAY_SECS` (length of
 //! the label-delay run, default 45).
@@ -376,7 +376,7 @@ fn armd_ingest(cfg: Config, n: usize) -> Rate {
 
 fn ingest(bootstrap: &str) {
     let target_mb: f64 = env_or("ARMD_BENCH_INGEST_MB", 400.0);
-    let repeats: usize = env_or("ARMD_BENCH_REPEATS", 2);
+    let repeats: usize = env_or("ARMD_BENCH_REPEATS", 5);
     println!("\n## ingest (payload {target_mb} MB per case, {repeats} repeats)\n");
     println!("load before: {}", uptime());
     println!("| d | encoding | N | bytes/msg | run | raw msgs/s | raw MB/s | armd default msgs/s | ratio | armd no-rounds msgs/s | ratio | CPU µs/msg raw / default / no-rounds | spans s raw / default / no-rounds |");
@@ -384,6 +384,7 @@ fn ingest(bootstrap: &str) {
     // Consumer groups (and static member ids) unique to this run.
     let tag = std::process::id();
     let mut case = 0;
+    let mut summary: std::collections::BTreeMap<String, Vec<[f64; 6]>> = Default::default();
     for d in [768usize, 2048] {
         for (name, b64) in [("json", false), ("base64", true)] {
             case += 1;
@@ -446,10 +447,58 @@ fn ingest(bootstrap: &str) {
                     rates[0].span_s,
                     rates[1].span_s,
                 );
+                let row = summary.entry(id.clone()).or_default();
+                row.push([
+                    raw.msgs_per_s,
+                    rates[0].msgs_per_s,
+                    rates[1].msgs_per_s,
+                    raw.cpu_us_per_msg,
+                    rates[0].cpu_us_per_msg,
+                    rates[1].cpu_us_per_msg,
+                ]);
             }
         }
     }
     println!("\nload after: {}", uptime());
+    // The rates of one case move with the broker and the scheduler from one repeat to the next (raw
+    // spans are under a second): the summary gives medians over the repeats, and the ratios per repeat
+    // (each raw run next to the armd runs that follow it) as median and range.
+    println!("\nsummary (medians over {repeats} repeats; ratio = armd / raw of the same repeat: median, min–max)\n");
+    println!("| case | raw msgs/s | armd default msgs/s | ratio | armd no-rounds msgs/s | ratio | CPU µs/msg raw / default / no-rounds |");
+    println!("|---|---|---|---|---|---|---|");
+    for (id, rows) in &summary {
+        let col = |i: usize| median(rows.iter().map(|r| r[i]).collect());
+        let ratios = |i: usize| {
+            let v: Vec<f64> = rows.iter().map(|r| r[i] / r[0]).collect();
+            let (lo, hi) = v
+                .iter()
+                .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| {
+                    (lo.min(x), hi.max(x))
+                });
+            format!("**{:.2}** ({lo:.2}–{hi:.2})", median(v))
+        };
+        println!(
+            "| {id} | {:.0} | {:.0} | {} | {:.0} | {} | {:.1} / {:.1} / {:.1} |",
+            col(0),
+            col(1),
+            ratios(1),
+            col(2),
+            ratios(2),
+            col(3),
+            col(4),
+            col(5)
+        );
+    }
+}
+
+/// Median (mean of the middle two for an even count; NaN for none).
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ use rdkafka::consumer::{BaseConsumer, CommitMode};
 
 use super::config::Config;
 use super::engine::{Engine, Output};
+use super::ingest;
 use super::kafka::{Context, Publisher};
 use super::labels;
 use super::messages::{LabelMsg, Rejection, Response, SourcePosition};
@@ -28,8 +29,8 @@ pub fn now_ms() -> i64 {
 
 /// What the consumer threads send to the engine thread.
 pub enum Input {
-    /// A validated response and its arrival time (ms).
-    Response(Response, i64),
+    /// Validated responses (one consumer batch) and their arrival time (ms).
+    Responses(Vec<Response>, i64),
     /// One labels-topic message: decoded or rejected, with its position and Kafka timestamp (ms).
     Label {
         decoded: std::result::Result<LabelMsg, Rejection>,
@@ -91,8 +92,9 @@ impl Driver {
             match self.rx.recv_timeout(Duration::from_millis(50)) {
                 Ok(input) => {
                     self.handle(input);
-                    // Drain a bounded burst before housekeeping, so timers still run under load.
-                    for _ in 0..4096 {
+                    // Drain a bounded burst (≤ 4096 responses) before housekeeping, so timers still
+                    // run under load.
+                    for _ in 0..4096 / ingest::RESPONSE_BATCH {
                         match self.rx.try_recv() {
                             Ok(input) => self.handle(input),
                             Err(_) => break,
@@ -109,8 +111,8 @@ impl Driver {
 
     fn handle(&mut self, input: Input) {
         match input {
-            Input::Response(r, t) => {
-                self.engine.on_response(r, t);
+            Input::Responses(batch, t) => {
+                self.engine.on_responses(batch, t);
             }
             Input::Label {
                 decoded,

@@ -310,14 +310,43 @@ impl Engine {
     /// Adds a validated response to the pool (feeding the scaler's warm-up first). Returns whether it was
     /// pooled (false for a duplicate).
     pub fn on_response(&mut self, r: Response, now_ms: i64) -> bool {
-        self.m.responses_accepted.increment(1);
-        if self.pool.contains(&r.prompt_id, &r.response_id) {
+        self.on_responses(vec![r], now_ms) == 1
+    }
+
+    /// [`Self::on_response`] for one consumer batch (metrics updated once per batch); returns how many
+    /// were pooled.
+    pub fn on_responses(&mut self, batch: Vec<Response>, now_ms: i64) -> usize {
+        self.m.responses_accepted.increment(batch.len() as u64);
+        let pooled = batch
+            .into_iter()
+            .map(|r| self.pool_response(r, now_ms))
+            .filter(|&p| p)
+            .count();
+        self.m.pool_responses.set(self.pool.len() as f64);
+        pooled
+    }
+
+    fn pool_response(&mut self, r: Response, now_ms: i64) -> bool {
+        // The pool keeps raw embeddings only; rounds scale what they use (`run_round`), so a response
+        // that is evicted before any round costs no scaling and no f64 copy.
+        let entry = PoolEntry {
+            prompt_id: r.prompt_id.into(),
+            response_id: r.response_id.into(),
+            raw: r.embedding,
+            metadata: r.metadata,
+            arrived_ms: now_ms,
+            uses: 0,
+        };
+        let mut ev = Evicted::default();
+        let pooled = self.pool.insert(entry, &mut ev);
+        self.count_evictions(ev);
+        if !pooled {
             self.m.responses_duplicate.increment(1);
             return false;
         }
-        let mut froze = false;
         if !self.scaler.is_frozen() {
-            if let Err(e) = self.scaler.observe(&r.embedding) {
+            let raw = &self.pool.newest().expect("just inserted").raw;
+            if let Err(e) = self.scaler.observe(raw) {
                 // Cannot happen for a decoded response (dimension and finiteness are checked); keep going.
                 tracing::warn!(error = %e, "warm-up sample rejected by the scaler");
             }
@@ -326,33 +355,12 @@ impl Engine {
                 .set(self.scaler.samples() as f64);
             if self.scaler.samples() >= self.cfg.model.warmup_samples {
                 match self.scaler.freeze() {
-                    Ok(()) => froze = true,
+                    Ok(()) => self.on_scaler_frozen(),
                     Err(e) => tracing::warn!(error = %e, "cannot freeze the scaler yet"),
                 }
             }
         }
-        let scaled = if self.scaler.is_frozen() {
-            self.scaler.transform_vec(&r.embedding).ok()
-        } else {
-            None
-        };
-        let entry = PoolEntry {
-            prompt_id: r.prompt_id.into(),
-            response_id: r.response_id.into(),
-            raw: r.embedding,
-            scaled,
-            metadata: r.metadata,
-            arrived_ms: now_ms,
-            uses: 0,
-        };
-        let mut ev = Evicted::default();
-        let pooled = self.pool.insert(entry, &mut ev);
-        self.count_evictions(ev);
-        if froze {
-            self.on_scaler_frozen();
-        }
-        self.m.pool_responses.set(self.pool.len() as f64);
-        pooled
+        true
     }
 
     fn on_scaler_frozen(&mut self) {
@@ -361,10 +369,6 @@ impl Engine {
             scaling = %self.scaler.scaling(),
             "feature scaler frozen; selection can start"
         );
-        let scaler = &self.scaler;
-        for e in self.pool.iter_mut() {
-            e.scaled = scaler.transform_vec(&e.raw).ok();
-        }
         self.m.scaler_frozen.set(1.0);
         // The scaler is part of the model: persist it before any request depends on it.
         self.dirty = true;
@@ -432,18 +436,18 @@ impl Engine {
         // Start/finish events let the crash harness tell where a `kill -9` landed.
         tracing::debug!(pool = self.pool.len(), k, "selection round started");
         let d = self.cfg.model.dim;
-        let slots: Vec<(u64, &PoolEntry)> = self
-            .pool
-            .iter()
-            .filter(|(_, e)| e.scaled.is_some())
-            .collect();
+        if !self.scaler.is_frozen() {
+            return Ok(0);
+        }
+        let slots: Vec<(u64, &PoolEntry)> = self.pool.iter().collect();
         if slots.len() < 2 {
             return Ok(0);
         }
         let n = slots.len();
-        let x = Mat::<f64>::from_fn(d, n, |i, j| {
-            slots[j].1.scaled.as_ref().expect("filtered")[i]
-        });
+        let mut x = Mat::<f64>::zeros(d, n);
+        for (j, (_, e)) in slots.iter().enumerate() {
+            self.scaler.transform(&e.raw, x.col_as_slice_mut(j))?;
+        }
         let mut prompt_ids: HashMap<&str, u64> = HashMap::new();
         let prompts: Vec<u64> = slots
             .iter()
@@ -560,7 +564,10 @@ impl Engine {
             issued_at_ms: now_ms,
             expires_at_ms: now_ms.saturating_add(ttl),
         };
-        let (va, vb) = (a.scaled.expect("scaled"), b.scaled.expect("scaled"));
+        let (va, vb) = (
+            self.scaler.transform_vec(&a.raw)?,
+            self.scaler.transform_vec(&b.raw)?,
+        );
         let v = va.iter().zip(&vb).map(|(x, y)| x - y).collect();
         self.in_flight.insert(
             request.request_id.clone(),
@@ -691,7 +698,6 @@ impl Engine {
                     prompt_id: side.prompt_id.as_str().into(),
                     response_id: side.response_id.as_str().into(),
                     raw: raw.clone(),
-                    scaled: self.scaler.transform_vec(raw).ok(),
                     metadata: side.metadata.clone(),
                     arrived_ms: f.request.issued_at_ms,
                     uses: 0,

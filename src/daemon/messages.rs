@@ -307,12 +307,42 @@ impl Decoder {
     /// Decodes and validates one message of the responses topic.
     pub fn response(&self, payload: Option<&[u8]>) -> Result<Response, Rejection> {
         let text = self.envelope(payload)?;
+        match parse_without_b64_value(text) {
+            Some((raw, embedding)) => self.validate_response(raw, Some(embedding)),
+            None => {
+                let raw: RawResponse<'_> =
+                    serde_json::from_str(text).map_err(|e| json_rejection(text, e))?;
+                self.validate_response(raw, None)
+            }
+        }
+    }
+
+    /// [`Self::response`] without the base64 fast path (the reference the fast path is tested against).
+    #[cfg(test)]
+    fn response_reference(&self, payload: Option<&[u8]>) -> Result<Response, Rejection> {
+        let text = self.envelope(payload)?;
         let raw: RawResponse<'_> =
             serde_json::from_str(text).map_err(|e| json_rejection(text, e))?;
+        self.validate_response(raw, None)
+    }
+
+    /// The checks after parsing. `decoded` is `embedding_b64` already decoded by the fast path.
+    fn validate_response(
+        &self,
+        raw: RawResponse<'_>,
+        decoded: Option<Vec<f32>>,
+    ) -> Result<Response, Rejection> {
+        enum B64<'a> {
+            Text(Cow<'a, str>),
+            Decoded(Vec<f32>),
+        }
+        let b64 = decoded
+            .map(B64::Decoded)
+            .or(raw.embedding_b64.map(B64::Text));
         check_schema(&raw.schema, RESPONSE_SCHEMA)?;
         check_id("prompt_id", &raw.prompt_id)?;
         check_id("response_id", &raw.response_id)?;
-        let embedding = match (raw.embedding, raw.embedding_b64) {
+        let embedding = match (raw.embedding, b64) {
             (Some(_), Some(_)) => {
                 return Err(Rejection::new(
                     Reason::InvalidValue,
@@ -326,7 +356,8 @@ impl Decoder {
                 ))
             }
             (Some(F32Array(v)), None) => v,
-            (None, Some(s)) => decode_f32_b64("embedding_b64", &s)?,
+            (None, Some(B64::Text(s))) => decode_f32_b64("embedding_b64", &s)?,
+            (None, Some(B64::Decoded(v))) => v,
         };
         if embedding.len() != self.dim {
             return Err(Rejection::new(
@@ -338,7 +369,12 @@ impl Decoder {
                 ),
             ));
         }
-        if let Some(i) = embedding.iter().position(|x| !x.is_finite()) {
+        // Branch-free test first (vectorised); the position only for the error message.
+        if !embedding.iter().fold(true, |ok, x| ok & x.is_finite()) {
+            let i = embedding
+                .iter()
+                .position(|x| !x.is_finite())
+                .expect("one is not finite");
             return Err(Rejection::new(
                 Reason::NonFinite,
                 format!("embedding[{i}] = {} is not finite", embedding[i]),
@@ -502,8 +538,103 @@ fn field_at(text: &str, line: usize, column: usize) -> Option<&str> {
     key
 }
 
+/// The base64 fast path of [`Decoder::response`]: finds the value of `embedding_b64`, decodes it, and
+/// parses the rest of the message with that value cut out.
+///
+/// serde_json checks every byte of a string for quotes and escapes, which made the 4–11 kB base64
+/// value cost more than decoding it; here the value's end is found with `memchr` and the base64 decoder
+/// validates it (it refuses a backslash like any other byte outside the alphabet). Taken only when the
+/// cut is unambiguous: outside the value there is no backslash (every key is spelled literally, no
+/// string holds a quote) and no second `"embedding_b64"`, the key is followed by `:` and a string that
+/// decodes, and the parser then sees that key at the top level with the emptied value. Anything else
+/// (including every invalid message) returns `None` and goes through the plain parse, whose errors are
+/// the reference.
+fn parse_without_b64_value(text: &str) -> Option<(RawResponse<'_>, Vec<f32>)> {
+    static KEY: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"embedding_b64\""));
+    let bytes = text.as_bytes();
+    let at = KEY.find(bytes)?;
+    let is_ws = |c: &u8| matches!(c, b' ' | b'\t' | b'\n' | b'\r');
+    let mut i = at + KEY.needle().len();
+    i += bytes[i..].iter().take_while(|c| is_ws(c)).count();
+    if bytes.get(i) != Some(&b':') {
+        return None;
+    }
+    i += 1;
+    i += bytes[i..].iter().take_while(|c| is_ws(c)).count();
+    if bytes.get(i) != Some(&b'"') {
+        return None;
+    }
+    let start = i + 1;
+    let end = start + memchr::memchr(b'"', &bytes[start..])?;
+    let (head, tail) = (&text[..start], &text[end..]);
+    // `at` is the first occurrence, so only the tail can hold another.
+    if memchr::memchr(b'\\', head.as_bytes()).is_some()
+        || memchr::memchr(b'\\', tail.as_bytes()).is_some()
+        || KEY.find(tail.as_bytes()).is_some()
+    {
+        return None;
+    }
+    let embedding = decode_f32_b64_fast(&bytes[start..end])?;
+    // Quotes are ASCII, so both cuts fall on character boundaries.
+    let mut rest = String::with_capacity(head.len() + tail.len());
+    rest.push_str(head);
+    rest.push_str(tail);
+    let raw: RawResponse<'_> = serde_json::from_str(&rest).ok()?;
+    // The emptied value must be the top-level field (the one occurrence could sit in `metadata`).
+    if raw.embedding_b64.as_deref() != Some("") {
+        return None;
+    }
+    // `raw` borrows `rest` (schema, emptied `embedding_b64`): keep what is needed, owned.
+    let raw = RawResponse {
+        schema: Cow::Owned(raw.schema.into_owned()),
+        prompt_id: raw.prompt_id,
+        response_id: raw.response_id,
+        embedding: raw.embedding,
+        embedding_b64: None,
+        metadata: raw.metadata,
+    };
+    Some((raw, embedding))
+}
+
 /// Decodes base64 of little-endian f32.
+///
+/// The hot path of ingest: a SIMD decoder (`base64-simd`, AVX2/SSSE3/NEON chosen at run time) writes
+/// straight into the `f32` buffer. Whatever it refuses goes through the `base64` crate instead, which
+/// gives the precise error (symbol and offset) and defines the accepted language: padding optional, no
+/// whitespace, non-zero trailing bits refused. A differential test checks that the fast path accepts
+/// nothing the reference refuses and decodes identically.
 pub fn decode_f32_b64(field: &str, s: &str) -> Result<Vec<f32>, Rejection> {
+    decode_f32_b64_fast(s.as_bytes()).map_or_else(|| decode_f32_b64_reference(field, s), Ok)
+}
+
+/// The fast path of [`decode_f32_b64`]: `None` for anything that is not canonical base64 of a whole
+/// number of f32 (the caller then asks the reference decoder for the error).
+fn decode_f32_b64_fast(src: &[u8]) -> Option<Vec<f32>> {
+    use base64_simd::AsOut as _;
+    let engine = if src.len() % 4 == 0 {
+        &base64_simd::STANDARD
+    } else {
+        &base64_simd::STANDARD_NO_PAD
+    };
+    let bytes = engine.decoded_length(src).ok()?;
+    if bytes % 4 != 0 {
+        return None;
+    }
+    let mut out = vec![0f32; bytes / 4];
+    engine
+        .decode(src, bytemuck::cast_slice_mut::<f32, u8>(&mut out).as_out())
+        .ok()?;
+    if cfg!(target_endian = "big") {
+        for v in &mut out {
+            *v = f32::from_bits(u32::from_le(v.to_bits()));
+        }
+    }
+    Some(out)
+}
+
+/// The reference decoder (`base64` crate): the accepted language and the error messages.
+fn decode_f32_b64_reference(field: &str, s: &str) -> Result<Vec<f32>, Rejection> {
     let bytes = B64.decode(s.as_bytes()).map_err(|e| {
         Rejection::new(
             Reason::InvalidBase64,
@@ -801,6 +932,139 @@ mod tests {
         r.unwrap_err().reason
     }
 
+    /// One `"key": value` member of a response message, from a menu of valid and troublesome ones.
+    fn response_part() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let b64 = |v: &[f32]| encode_f32_b64(v);
+        let good4 = b64(&[1.0, -2.5, 0.0, 3.25]);
+        prop_oneof![
+            Just(format!("\"schema\": \"{RESPONSE_SCHEMA}\"")),
+            Just("\"schema\":\"armd.response.v2\"".to_string()),
+            Just("\"prompt_id\": \"p1\"".to_string()),
+            Just("\"prompt_id\": \"p\\u00e9\"".to_string()),
+            Just("\"response_id\":\"r1\"".to_string()),
+            Just("\"response_id\": 7".to_string()),
+            Just(format!("\"embedding_b64\": \"{good4}\"")),
+            Just(format!(
+                "\"embedding_b64\" :\"{}\"",
+                good4.trim_end_matches('=')
+            )),
+            Just(format!("\"embedding_b64\": \"{}\"", b64(&[1.0, 2.0, 3.0]))),
+            Just(format!(
+                "\"embedding_b64\": \"{}\"",
+                b64(&[1.0, f32::NAN, 3.0, 4.0])
+            )),
+            Just(format!(
+                "\"embedding_b64\": \"{}\\u0041\"",
+                &good4[..good4.len() - 4]
+            )),
+            Just(
+                "\"embedding_b64\": \"AAAA*AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA\""
+                    .to_string()
+            ),
+            Just("\"embedding_b64\": \"\"".to_string()),
+            Just("\"embedding_b64\": null".to_string()),
+            Just("\"embedding_b64\": [1,2]".to_string()),
+            Just(format!("\"embedding_b\\u0036\\u0034\": \"{good4}\"")),
+            Just("\"embedding\": [1.0, -2.5, 0.0, 3.25]".to_string()),
+            Just(format!(
+                "\"metadata\": {{\"embedding_b64\": \"{good4}\", \"k\": [1, {{}}]}}"
+            )),
+            Just("\"metadata\": {\"note\": \"embedding_b64\"}".to_string()),
+            Just("\"metadata\": \"embedding_b64\"".to_string()),
+            Just("\"extra\": 1".to_string()),
+        ]
+    }
+
+    /// The SIMD fast path and the reference decoder, as (bits of the values) or an error marker.
+    fn both_b64(s: &str) -> (Option<Vec<u32>>, Option<Vec<u32>>) {
+        let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+        (
+            decode_f32_b64_fast(s.as_bytes()).map(bits),
+            decode_f32_b64_reference("x", s).ok().map(bits),
+        )
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config { cases: 2048, failure_persistence: None, ..Default::default() })]
+
+        /// Near-valid inputs (encodings of random bytes, padding kept or stripped, one symbol replaced, the
+        /// last symbol's unused bits set): the fast path accepts exactly what the reference accepts and
+        /// decodes to the same bits, so it changes speed, not behaviour.
+        #[test]
+        fn fast_base64_matches_reference_on_near_valid_input(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400),
+            strip_padding in proptest::prelude::any::<bool>(),
+            replace in proptest::option::of((proptest::prelude::any::<proptest::sample::Index>(), proptest::sample::select(b"A/+=-_ \n\"\x00\xc3az09".to_vec()))),
+            dirty_tail in proptest::prelude::any::<bool>(),
+        ) {
+            let mut s = B64.encode(&bytes).into_bytes();
+            if strip_padding {
+                while s.last() == Some(&b'=') { s.pop(); }
+            }
+            if dirty_tail {
+                let body = s.iter().rposition(|&c| c != b'=');
+                if let Some(i) = body { if s[i] == b'A' { s[i] = b'B'; } else if s[i] == b'Q' { s[i] = b'R'; } }
+            }
+            if let Some((at, c)) = replace {
+                if !s.is_empty() { let i = at.index(s.len()); s[i] = c; }
+            }
+            let Ok(s) = String::from_utf8(s) else { return Ok(()) };
+            let (fast, reference) = both_b64(&s);
+            proptest::prop_assert_eq!(fast, reference, "input {:?}", s);
+        }
+
+        /// Whole response messages, valid and not (fields in any order, spacing, duplicates, unknown
+        /// fields, `embedding_b64` also inside metadata or spelled with an escape, wrong lengths, bad
+        /// symbols, a truncation or a flipped byte): `response` with its fast path gives exactly what the
+        /// plain parse gives, value or rejection (reason and detail).
+        #[test]
+        fn response_fast_path_matches_plain_parse(
+            core in proptest::collection::vec(proptest::prelude::any::<bool>(), 3),
+            extra in proptest::collection::vec(response_part(), 0..4),
+            order in proptest::collection::vec(proptest::prelude::any::<proptest::sample::Index>(), 7),
+            space in proptest::sample::select(vec!["", " ", "\n  ", "\t"]),
+            damage in proptest::option::of((proptest::prelude::any::<proptest::sample::Index>(), proptest::prelude::any::<u8>(), proptest::prelude::any::<bool>())),
+        ) {
+            // Mostly near-valid: the usual fields (each kept with probability 1/2), then up to three
+            // members from the menu.
+            let usual = [
+                format!("\"schema\": \"{RESPONSE_SCHEMA}\""),
+                "\"prompt_id\": \"p1\"".to_string(),
+                "\"response_id\": \"r1\"".to_string(),
+            ];
+            let mut parts: Vec<String> = usual
+                .into_iter()
+                .zip(&core)
+                .filter(|(_, keep)| **keep)
+                .map(|(p, _)| p)
+                .collect();
+            parts.extend(extra);
+            for (i, ix) in order.iter().enumerate().take(parts.len()) {
+                let j = ix.index(parts.len());
+                parts.swap(i, j);
+            }
+            let body = parts.join(&format!(",{space}"));
+            let mut text = format!("{{{space}{body}{space}}}").into_bytes();
+            if let Some((at, byte, truncate)) = damage {
+                let i = at.index(text.len());
+                if truncate { text.truncate(i); } else { text[i] = byte; }
+            }
+            let d = dec();
+            proptest::prop_assert_eq!(d.response(Some(&text)), d.response_reference(Some(&text)), "input {:?}", String::from_utf8_lossy(&text));
+        }
+
+        /// Arbitrary strings over the alphabet and its neighbours: the fast path never accepts what the
+        /// reference refuses, and never decodes differently.
+        #[test]
+        fn fast_base64_never_accepts_more(s in "[A-Za-z0-9+/=_ -]{0,80}") {
+            let (fast, reference) = both_b64(&s);
+            if fast.is_some() {
+                proptest::prop_assert_eq!(fast, reference, "input {:?}", s);
+            }
+        }
+    }
+
     #[test]
     fn response_json_array_and_base64_agree() {
         let a = resp(good()).unwrap();
@@ -816,6 +1080,43 @@ mod tests {
         let s = encode_f32_b64(&[1.0, 2.0, 3.0, 4.5]);
         let v = decode_f32_b64("x", s.trim_end_matches('=')).unwrap();
         assert_eq!(v, vec![1.0, 2.0, 3.0, 4.5]);
+    }
+
+    #[test]
+    fn base64_fast_path_is_taken_only_when_the_cut_is_unambiguous() {
+        let b = encode_f32_b64(&[1.0, -2.5, 0.0, 3.25]);
+        let head = format!(
+            "\"schema\": \"{RESPONSE_SCHEMA}\", \"prompt_id\": \"p\", \"response_id\": \"r\""
+        );
+        let taken = |t: String| parse_without_b64_value(&t).map(|(_, v)| v);
+        let x = Some(vec![1.0, -2.5, 0.0, 3.25]);
+        assert_eq!(taken(format!("{{{head}, \"embedding_b64\" : \"{b}\"}}")), x);
+        assert_eq!(
+            taken(format!(
+                "{{\"embedding_b64\":\"{b}\", {head}, \"metadata\": {{\"k\": 1}}}}"
+            )),
+            x
+        );
+        // Only inside metadata; twice; a backslash anywhere; not a string: the plain parse decides.
+        assert_eq!(
+            taken(format!(
+                "{{{head}, \"metadata\": {{\"embedding_b64\": \"{b}\"}}}}"
+            )),
+            None
+        );
+        assert_eq!(
+            taken(format!(
+                "{{{head}, \"embedding_b64\": \"{b}\", \"embedding_b64\": \"{b}\"}}"
+            )),
+            None
+        );
+        assert_eq!(
+            taken(format!(
+                "{{{head}, \"embedding_b64\": \"{b}\", \"metadata\": {{\"k\": \"\\n\"}}}}"
+            )),
+            None
+        );
+        assert_eq!(taken(format!("{{{head}, \"embedding_b64\": null}}")), None);
     }
 
     #[test]

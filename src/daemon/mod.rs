@@ -70,8 +70,10 @@ use self::engine::Engine;
 use self::kafka::{Health, Publisher};
 use self::telemetry::Telemetry;
 
-/// Depth of the channel from the consumer threads to the engine thread.
-const INPUT_QUEUE: usize = 8192;
+/// Depth of the channel from the consumer threads to the engine thread, in messages (a label, or a batch
+/// of up to `ingest::RESPONSE_BATCH` responses): bounds the responses buffered ahead of the engine to
+/// 8192, about 64 MB of embeddings at d = 2048.
+const INPUT_QUEUE: usize = 8192 / ingest::RESPONSE_BATCH;
 
 /// Binds `http.listen` and runs the daemon until `shutdown` resolves.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> {

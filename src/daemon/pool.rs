@@ -16,10 +16,9 @@ use serde_json::Value;
 pub struct PoolEntry {
     pub prompt_id: Arc<str>,
     pub response_id: Arc<str>,
-    /// As received (needed for requests, which carry raw embeddings).
+    /// As received: requests carry raw embeddings, and selection rounds scale them with the frozen
+    /// scaler (not stored: a pooled response is often evicted before any round uses it).
     pub raw: Vec<f32>,
-    /// Scaled with the frozen scaler; `None` while the scaler warms up.
-    pub scaled: Option<Vec<f64>>,
     pub metadata: Option<Value>,
     /// Milliseconds since the epoch when the response (first) entered the pool.
     pub arrived_ms: i64,
@@ -39,7 +38,9 @@ pub struct Pool {
     capacity: usize,
     ttl_ms: i64,
     entries: BTreeMap<u64, PoolEntry>,
-    index: HashMap<(Arc<str>, Arc<str>), u64>,
+    /// foldhash (randomly seeded, several times faster than std's SipHash on short keys): the index is
+    /// updated twice per ingested response.
+    index: HashMap<(Arc<str>, Arc<str>), u64, foldhash::fast::RandomState>,
     /// (arrived_ms, slot) of every entry: the TTL purge pops stale entries from the front instead of
     /// scanning the whole pool (it runs after every engine wake-up). Slots are not in arrival order: a
     /// lapsed request's responses come back with their original arrival time.
@@ -53,7 +54,7 @@ impl Pool {
             capacity,
             ttl_ms,
             entries: BTreeMap::new(),
-            index: HashMap::new(),
+            index: HashMap::default(),
             by_arrival: BTreeSet::new(),
             next_slot: 0,
         }
@@ -123,8 +124,9 @@ impl Pool {
         self.entries.iter().map(|(&s, e)| (s, e))
     }
 
-    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut PoolEntry> {
-        self.entries.values_mut()
+    /// The most recently inserted entry (slots grow with every insert).
+    pub fn newest(&self) -> Option<&PoolEntry> {
+        self.entries.last_key_value().map(|(_, e)| e)
     }
 
     pub fn get(&self, slot: u64) -> Option<&PoolEntry> {
@@ -145,7 +147,6 @@ mod tests {
             prompt_id: p.into(),
             response_id: r.into(),
             raw: vec![0.0],
-            scaled: None,
             metadata: None,
             arrived_ms: t,
             uses: 0,
