@@ -22,7 +22,7 @@
 //! Part 3 is a criterion bench and needs no broker.
 //!
 //! Run: `cargo bench --bench daemon` (one part: `-- ingest`, `-- label_delay`, `-- round`).
-//! Sizes: `ARMD_BENCH_INGEST_MB` (payload megabytes pre-produced per ingest case, default 400),
+//! Sizes: `ARMD_BENCH_INGEST_MB` (payload megabytes pre-produced per ingest case, default 1000; the topics are deleted after each case),
 //! `ARMD_BENCH_REPEATS` (raw/armd measurements per case, default 5; a summary gives medians), `ARMD_BENCH_INGEST_CASES` (e.g.
 //! `2048-base64,768-json`: only these ingest cases), `ARMD_BENCH_INGEST_CONFIGS` (`default` or
 //! `no-rounds`: only that armd configuration), `ARMD_BENCH_DELAY_SECS` (length of
@@ -375,7 +375,7 @@ fn armd_ingest(cfg: Config, n: usize) -> Rate {
 }
 
 fn ingest(bootstrap: &str) {
-    let target_mb: f64 = env_or("ARMD_BENCH_INGEST_MB", 400.0);
+    let target_mb: f64 = env_or("ARMD_BENCH_INGEST_MB", 1000.0);
     let repeats: usize = env_or("ARMD_BENCH_REPEATS", 5);
     println!("\n## ingest (payload {target_mb} MB per case, {repeats} repeats)\n");
     println!("load before: {}", uptime());
@@ -400,6 +400,9 @@ fn ingest(bootstrap: &str) {
             let t_prod = Instant::now();
             let bytes = produce_responses(bootstrap, &t.responses, n, d, b64);
             let per_msg = bytes as f64 / n as f64;
+            // Let the kernel write the new log segments back before measuring: right after a 1 GB
+            // produce, writeback competes with the first consumers (raw rates halved in repeat 1–2).
+            let _ = std::process::Command::new("sync").status();
             eprintln!(
                 "ingest d={d} {name}: produced {n} messages ({:.0} MB) in {:.1} s",
                 bytes as f64 / 1e6,
@@ -457,6 +460,7 @@ fn ingest(bootstrap: &str) {
                     rates[1].cpu_us_per_msg,
                 ]);
             }
+            common::delete_topics(bootstrap, &t);
         }
     }
     println!("\nload after: {}", uptime());

@@ -1,10 +1,14 @@
-//! Decode throughput of response messages: JSON number array vs base64 little-endian f32, at d = 768 and
-//! 2048. This is the per-message CPU cost of ingest (the broker-level throughput report compares it with
-//! the raw consume rate).
+//! The two per-message CPU costs of ingest, at d = 768 and 2048 (the broker-level throughput report in
+//! BENCHMARKS.md compares the whole pipeline with the raw consume rate):
+//! - `decode_response`: decoding and validating a response message, JSON number array vs base64
+//!   little-endian f32 (the responses thread);
+//! - `pool_insert`: pooling a decoded response into a full pool (default capacity 4096), which evicts
+//!   the oldest one (the engine thread's work per response under a backlog).
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 
 use armd::daemon::messages::{encode_f32_b64, Decoder};
+use armd::daemon::pool::{Evicted, Pool, PoolEntry};
 
 fn message(d: usize, base64: bool) -> Vec<u8> {
     // Values like LLM hidden states: mostly O(1), a few large.
@@ -41,5 +45,43 @@ fn decode(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, decode);
+/// A decoded response as the engine receives it (ids, d floats, a small metadata object).
+fn entry(i: u64, d: usize) -> PoolEntry {
+    PoolEntry {
+        prompt_id: format!("prompt-{:06}", i / 8).into(),
+        response_id: format!("prompt-{:06}-resp-{}", i / 8, i % 8).into(),
+        raw: vec![0.25; d],
+        metadata: Some(serde_json::json!({"model": "gemma-2b", "i": i})),
+        arrived_ms: i as i64,
+        uses: 0,
+    }
+}
+
+fn pool_insert(c: &mut Criterion) {
+    let mut g = c.benchmark_group("pool_insert");
+    for d in [768usize, 2048] {
+        let capacity = 4096;
+        let mut pool = Pool::new(capacity, i64::MAX / 4);
+        let mut ev = Evicted::default();
+        let mut next = 0u64;
+        for _ in 0..capacity {
+            pool.insert(entry(next, d), &mut ev);
+            next += 1;
+        }
+        g.throughput(Throughput::Elements(1));
+        g.bench_function(BenchmarkId::from_parameter(d), |b| {
+            b.iter_batched(
+                || {
+                    next += 1;
+                    entry(next, d)
+                },
+                |e| assert!(pool.insert(e, &mut ev)),
+                BatchSize::SmallInput,
+            )
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, decode, pool_insert);
 criterion_main!(benches);

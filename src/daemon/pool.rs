@@ -202,4 +202,80 @@ mod tests {
         assert_eq!((pool.len(), ev.ttl), (0, 2));
         assert!(pool.by_arrival.is_empty());
     }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Insert(u8, u8, i64),
+        Remove(proptest::sample::Index),
+        Purge(i64),
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            4 => (0u8..6, 0u8..6, 0i64..200).prop_map(|(p, r, t)| Op::Insert(p, r, t)),
+            1 => any::<proptest::sample::Index>().prop_map(Op::Remove),
+            1 => (0i64..300).prop_map(Op::Purge),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config { failure_persistence: None, ..Default::default() })]
+
+        /// Against a plain list of (slot, prompt, response, arrived) with the same rules: the same
+        /// entries in the same slot order after every operation, the same answers to `contains`, the
+        /// same eviction counts.
+        #[test]
+        fn pool_matches_a_plain_list_model(ops in proptest::collection::vec(op(), 0..200), cap in 1usize..8) {
+            let ttl = 100;
+            let mut pool = Pool::new(cap, ttl);
+            let mut model: Vec<(u64, String, String, i64)> = Vec::new();
+            let (mut next, mut ev, mut model_ev) = (0u64, Evicted::default(), Evicted::default());
+            for op in ops {
+                match op {
+                    Op::Insert(p, r, t) => {
+                        let (p, r) = (format!("p{p}"), format!("r{r}"));
+                        let fresh = !model.iter().any(|e| e.1 == p && e.2 == r);
+                        if fresh {
+                            while model.len() >= cap {
+                                model.remove(0);
+                                model_ev.capacity += 1;
+                            }
+                            model.push((next, p.clone(), r.clone(), t));
+                            next += 1;
+                        }
+                        proptest::prop_assert_eq!(pool.insert(entry(&p, &r, t), &mut ev), fresh);
+                    }
+                    Op::Remove(ix) => {
+                        if !model.is_empty() {
+                            let (slot, ..) = model.remove(ix.index(model.len()));
+                            proptest::prop_assert!(pool.remove(slot).is_some());
+                            proptest::prop_assert!(pool.remove(slot).is_none());
+                        }
+                    }
+                    Op::Purge(now) => {
+                        let before = model.len();
+                        model.retain(|e| now - e.3 <= ttl);
+                        model_ev.ttl += (before - model.len()) as u64;
+                        pool.purge_expired(now, &mut ev);
+                    }
+                }
+                let got: Vec<(u64, String, String, i64)> = pool
+                    .iter()
+                    .map(|(s, e)| (s, e.prompt_id.to_string(), e.response_id.to_string(), e.arrived_ms))
+                    .collect();
+                proptest::prop_assert_eq!(&got, &model);
+                proptest::prop_assert_eq!(pool.index.len(), model.len());
+                proptest::prop_assert_eq!(pool.by_arrival.len(), model.len());
+                proptest::prop_assert_eq!(ev, model_ev);
+                for p in 0..6 {
+                    for r in 0..6 {
+                        let (p, r) = (format!("p{p}"), format!("r{r}"));
+                        let want = model.iter().any(|e| e.1 == p && e.2 == r);
+                        proptest::prop_assert_eq!(pool.contains(&p, &r), want);
+                    }
+                }
+            }
+        }
+    }
 }

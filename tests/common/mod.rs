@@ -130,6 +130,19 @@ pub struct Topics {
     pub dead_letter: String,
 }
 
+/// An admin client for `bootstrap` and a runtime to wait on its futures.
+pub fn admin(bootstrap: &str) -> (AdminClient<DefaultClientContext>, tokio::runtime::Runtime) {
+    let admin = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .expect("admin client");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    (admin, rt)
+}
+
 /// Creates the five topics of one test (responses and labels with 2 partitions).
 pub fn create_topics(bootstrap: &str, name: &str) -> Topics {
     let n = TOPIC_SEQ.fetch_add(1, Ordering::Relaxed);
@@ -145,10 +158,7 @@ pub fn create_topics(bootstrap: &str, name: &str) -> Topics {
         models: format!("{prefix}.models"),
         dead_letter: format!("{prefix}.dead-letter"),
     };
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .create()
-        .expect("admin client");
+    let (admin, rt) = admin(bootstrap);
     let new = [
         NewTopic::new(&t.responses, 2, TopicReplication::Fixed(1)),
         NewTopic::new(&t.requests, 1, TopicReplication::Fixed(1)),
@@ -156,10 +166,6 @@ pub fn create_topics(bootstrap: &str, name: &str) -> Topics {
         NewTopic::new(&t.models, 1, TopicReplication::Fixed(1)),
         NewTopic::new(&t.dead_letter, 1, TopicReplication::Fixed(1)),
     ];
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
     let results = rt
         .block_on(admin.create_topics(&new, &AdminOptions::new()))
         .expect("create topics");
@@ -167,6 +173,26 @@ pub fn create_topics(bootstrap: &str, name: &str) -> Topics {
         r.expect("topic created");
     }
     t
+}
+
+/// Deletes the topics of [`create_topics`] (the benches' topics hold gigabytes).
+pub fn delete_topics(bootstrap: &str, t: &Topics) {
+    let (admin, rt) = admin(bootstrap);
+    let names = [
+        t.responses.as_str(),
+        t.requests.as_str(),
+        t.labels.as_str(),
+        t.models.as_str(),
+        t.dead_letter.as_str(),
+    ];
+    let results = rt
+        .block_on(admin.delete_topics(&names, &AdminOptions::new()))
+        .expect("delete topics");
+    for r in results {
+        if let Err((topic, e)) = r {
+            eprintln!("cannot delete topic {topic}: {e}");
+        }
+    }
 }
 
 /// A daemon configuration for a test (small dimension, fast cadences).

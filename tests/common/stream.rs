@@ -12,8 +12,7 @@ use std::time::{Duration, Instant};
 use armd::daemon::messages::{encode_f32_b64, LabelRequest};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::admin::{AdminOptions, NewTopic, TopicReplication};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
@@ -25,14 +24,7 @@ use super::{metric, producer, send, wait_metric, Topics, World};
 /// the applied order; see `replay`). The two-partition labels topic of `create_topics` stays unused.
 pub fn one_labels_partition(bootstrap: &str, t: &mut Topics) {
     let name = format!("{}-1p", t.labels);
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .create()
-        .expect("admin client");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let (admin, rt) = super::admin(bootstrap);
     let new = [NewTopic::new(&name, 1, TopicReplication::Fixed(1))];
     for r in rt
         .block_on(admin.create_topics(&new, &AdminOptions::new()))
