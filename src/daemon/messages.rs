@@ -309,18 +309,18 @@ impl Decoder {
         let text = self.envelope(payload)?;
         match parse_without_b64_value(text) {
             Some((raw, embedding)) => self.validate_response(raw, Some(embedding)),
-            None => {
-                let raw: RawResponse<'_> =
-                    serde_json::from_str(text).map_err(|e| json_rejection(text, e))?;
-                self.validate_response(raw, None)
-            }
+            None => self.response_plain(text),
         }
     }
 
     /// [`Self::response`] without the base64 fast path (the reference the fast path is tested against).
     #[cfg(test)]
     fn response_reference(&self, payload: Option<&[u8]>) -> Result<Response, Rejection> {
-        let text = self.envelope(payload)?;
+        self.response_plain(self.envelope(payload)?)
+    }
+
+    /// The plain parse: serde_json reads the whole message, its errors become the rejection.
+    fn response_plain(&self, text: &str) -> Result<Response, Rejection> {
         let raw: RawResponse<'_> =
             serde_json::from_str(text).map_err(|e| json_rejection(text, e))?;
         self.validate_response(raw, None)
