@@ -24,11 +24,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use armd::daemon::checkpoint::Checkpoint;
 use armd::daemon::config::Config;
 use armd::daemon::messages::DeadLetter;
-use common::process::{with_fixed_port, Armd};
+use common::process::{child_setup, Armd, ChildSetup};
 use common::replay;
-use common::stream::{
-    one_labels_partition, stop_and_wait_until_all_applied, Feeder, SlowAnnotator,
-};
+use common::stream::{stop_and_wait_until_all_applied, Feeder, SlowAnnotator};
 use common::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -162,12 +160,13 @@ fn kill_9_at_random_moments_loses_no_label_and_matches_a_replay_from_scratch() {
 
     let broker = broker();
     let b = broker.bootstrap.as_str();
-    let mut t = create_topics(b, "crash-anywhere");
-    one_labels_partition(b, &mut t);
-    let state = tempfile::tempdir().unwrap();
-    let (text, port) = with_fixed_port(&config_text(b, &t, state.path(), DIM, "armd-crash"));
-    let cfg_path = state.path().join("armd.toml");
-    std::fs::write(&cfg_path, &text).unwrap();
+    let ChildSetup {
+        topics: t,
+        state,
+        config_text: text,
+        config_path: cfg_path,
+        port,
+    } = child_setup(b, "crash-anywhere", DIM, "armd-crash");
     let cfg = Config::from_toml_with_env(&text, &OVERRIDES).unwrap();
     let mut env: Vec<(&str, &str)> = OVERRIDES.to_vec();
     env.push(("RUST_LOG", LOG_FILTER));

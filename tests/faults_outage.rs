@@ -14,11 +14,9 @@ use std::time::{Duration, Instant};
 use armd::daemon::checkpoint::Checkpoint;
 use armd::daemon::config::Config;
 use armd::daemon::messages::DeadLetter;
-use common::process::{with_fixed_port, Armd, OwnedBroker};
+use common::process::{child_setup, Armd, ChildSetup, OwnedBroker};
 use common::replay;
-use common::stream::{
-    one_labels_partition, stop_and_wait_until_all_applied, Feeder, SlowAnnotator,
-};
+use common::stream::{stop_and_wait_until_all_applied, Feeder, SlowAnnotator};
 use common::*;
 
 const DIM: usize = 32;
@@ -41,12 +39,13 @@ fn broker_outage_keeps_the_daemon_up_not_ready_and_loses_no_label() {
     );
     let broker = OwnedBroker::start();
     let b = broker.bootstrap.as_str();
-    let mut t = create_topics(b, "outage");
-    one_labels_partition(b, &mut t);
-    let state = tempfile::tempdir().unwrap();
-    let (text, port) = with_fixed_port(&config_text(b, &t, state.path(), DIM, "armd-outage"));
-    let cfg_path = state.path().join("armd.toml");
-    std::fs::write(&cfg_path, &text).unwrap();
+    let ChildSetup {
+        topics: t,
+        state,
+        config_text: text,
+        config_path: cfg_path,
+        port,
+    } = child_setup(b, "outage", DIM, "armd-outage");
     let cfg = Config::from_toml_with_env(&text, &[]).unwrap();
     let log = state.path().join("armd.log");
 

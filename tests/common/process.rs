@@ -31,6 +31,39 @@ pub fn with_fixed_port(config_text: &str) -> (String, u16) {
     (text, port)
 }
 
+/// What a replay-checked child-process test starts from: its topics (one labels partition, see
+/// `stream::one_labels_partition`), a state directory, and a config written there with a fixed port.
+pub struct ChildSetup {
+    pub topics: super::Topics,
+    pub state: tempfile::TempDir,
+    pub config_text: String,
+    pub config_path: PathBuf,
+    pub port: u16,
+}
+
+/// Creates a [`ChildSetup`] for daemon `instance` on the topics named after `name`.
+pub fn child_setup(bootstrap: &str, name: &str, dim: usize, instance: &str) -> ChildSetup {
+    let mut topics = super::create_topics(bootstrap, name);
+    super::stream::one_labels_partition(bootstrap, &mut topics);
+    let state = tempfile::tempdir().unwrap();
+    let (config_text, port) = with_fixed_port(&super::config_text(
+        bootstrap,
+        &topics,
+        state.path(),
+        dim,
+        instance,
+    ));
+    let config_path = state.path().join("armd.toml");
+    std::fs::write(&config_path, &config_text).unwrap();
+    ChildSetup {
+        topics,
+        state,
+        config_text,
+        config_path,
+        port,
+    }
+}
+
 /// Starts `armd run --config <config>`, its stderr (the log) appended to `log`. `env` is added to the
 /// child's environment (e.g. `RUST_LOG`).
 pub fn spawn_armd(config: &Path, log: &Path, env: &[(&str, &str)]) -> Child {
