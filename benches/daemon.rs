@@ -122,6 +122,28 @@ fn uptime() -> String {
         .unwrap_or_else(|_| "uptime unavailable".into())
 }
 
+/// (all, stolen) CPU ticks of the machine so far, from /proc/stat (`None` where unavailable). On a VM,
+/// time stolen by the host's other guests slows the raw consumer and armd alike but not equally (the raw
+/// rate is latency-bound): the ingest table gives the share of each repeat.
+fn cpu_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    Some((f.iter().sum(), *f.get(7)?))
+}
+
+/// Stolen share of the CPU time between two [`cpu_ticks`] readings, in percent.
+fn steal_percent(before: Option<(u64, u64)>, after: Option<(u64, u64)>) -> f64 {
+    match (before, after) {
+        (Some((t0, s0)), Some((t1, s1))) if t1 > t0 => 100.0 * (s1 - s0) as f64 / (t1 - t0) as f64,
+        _ => f64::NAN,
+    }
+}
+
 fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
     match std::env::var(key) {
         Ok(s) => s
@@ -379,12 +401,12 @@ fn ingest(bootstrap: &str) {
     let repeats: usize = env_or("ARMD_BENCH_REPEATS", 5);
     println!("\n## ingest (payload {target_mb} MB per case, {repeats} repeats)\n");
     println!("load before: {}", uptime());
-    println!("| d | encoding | N | bytes/msg | run | raw msgs/s | raw MB/s | armd default msgs/s | ratio | armd no-rounds msgs/s | ratio | CPU µs/msg raw / default / no-rounds | spans s raw / default / no-rounds |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| d | encoding | N | bytes/msg | run | raw msgs/s | raw MB/s | armd default msgs/s | ratio | armd no-rounds msgs/s | ratio | CPU µs/msg raw / default / no-rounds | spans s raw / default / no-rounds | steal % |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     // Consumer groups (and static member ids) unique to this run.
     let tag = std::process::id();
     let mut case = 0;
-    let mut summary: std::collections::BTreeMap<String, Vec<[f64; 6]>> = Default::default();
+    let mut summary: std::collections::BTreeMap<String, Vec<[f64; 7]>> = Default::default();
     for d in [768usize, 2048] {
         for (name, b64) in [("json", false), ("base64", true)] {
             case += 1;
@@ -409,6 +431,7 @@ fn ingest(bootstrap: &str) {
                 t_prod.elapsed().as_secs_f64()
             );
             for run in 1..=repeats {
+                let ticks = cpu_ticks();
                 let raw = raw_consume(bootstrap, &t, d, n, &format!("raw-{tag}-{case}-{run}"));
                 let mut rates = Vec::new();
                 for (label, extra) in [
@@ -435,8 +458,9 @@ fn ingest(bootstrap: &str) {
                     let cfg = default_config(bootstrap, &t, state.path(), d, &group, &env);
                     rates.push(armd_ingest(cfg, n));
                 }
+                let steal = steal_percent(ticks, cpu_ticks());
                 println!(
-                    "| {d} | {name} | {n} | {per_msg:.0} | {run} | {:.0} | {:.1} | {:.0} | {:.2} | {:.0} | {:.2} | {:.1} / {:.1} / {:.1} | {:.2} / {:.1} / {:.1} |",
+                    "| {d} | {name} | {n} | {per_msg:.0} | {run} | {:.0} | {:.1} | {:.0} | {:.2} | {:.0} | {:.2} | {:.1} / {:.1} / {:.1} | {:.2} / {:.1} / {:.1} | {steal:.0} |",
                     raw.msgs_per_s,
                     raw.msgs_per_s * per_msg / 1e6,
                     rates[0].msgs_per_s,
@@ -458,6 +482,7 @@ fn ingest(bootstrap: &str) {
                     raw.cpu_us_per_msg,
                     rates[0].cpu_us_per_msg,
                     rates[1].cpu_us_per_msg,
+                    steal,
                 ]);
             }
             common::delete_topics(bootstrap, &t);
@@ -468,8 +493,8 @@ fn ingest(bootstrap: &str) {
     // spans are under a second): the summary gives medians over the repeats, and the ratios per repeat
     // (each raw run next to the armd runs that follow it) as median and range.
     println!("\nsummary (medians over {repeats} repeats; ratio = armd / raw of the same repeat: median, min–max)\n");
-    println!("| case | raw msgs/s | armd default msgs/s | ratio | armd no-rounds msgs/s | ratio | CPU µs/msg raw / default / no-rounds |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| case | raw msgs/s | armd default msgs/s | ratio | armd no-rounds msgs/s | ratio | CPU µs/msg raw / default / no-rounds | steal % |");
+    println!("|---|---|---|---|---|---|---|---|");
     for (id, rows) in &summary {
         let col = |i: usize| median(rows.iter().map(|r| r[i]).collect());
         let ratios = |i: usize| {
@@ -482,7 +507,7 @@ fn ingest(bootstrap: &str) {
             format!("**{:.2}** ({lo:.2}–{hi:.2})", median(v))
         };
         println!(
-            "| {id} | {:.0} | {:.0} | {} | {:.0} | {} | {:.1} / {:.1} / {:.1} |",
+            "| {id} | {:.0} | {:.0} | {} | {:.0} | {} | {:.1} / {:.1} / {:.1} | {:.0} |",
             col(0),
             col(1),
             ratios(1),
@@ -490,7 +515,8 @@ fn ingest(bootstrap: &str) {
             ratios(2),
             col(3),
             col(4),
-            col(5)
+            col(5),
+            col(6)
         );
     }
 }
@@ -709,8 +735,8 @@ impl RoundBench {
             let i = self.next;
             self.next += 1;
             let r = Response {
-                prompt_id: format!("p{}", i / 8),
-                response_id: format!("p{}-r{}", i / 8, i % 8),
+                prompt_id: format!("p{}", i / 8).into(),
+                response_id: format!("p{}-r{}", i / 8, i % 8).into(),
                 embedding: (0..d)
                     .map(|_| 20.0 + 4.0 * self.rng.random_range(-1.0f32..1.0))
                     .collect(),

@@ -7,7 +7,7 @@
 
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 
-use armd::daemon::messages::{encode_f32_b64, Decoder};
+use armd::daemon::messages::{encode_f32_b64, Decoder, Metadata};
 use armd::daemon::pool::{Evicted, Pool, PoolEntry};
 
 fn message(d: usize, base64: bool) -> Vec<u8> {
@@ -51,7 +51,7 @@ fn entry(i: u64, d: usize) -> PoolEntry {
         prompt_id: format!("prompt-{:06}", i / 8).into(),
         response_id: format!("prompt-{:06}-resp-{}", i / 8, i % 8).into(),
         raw: vec![0.25; d],
-        metadata: Some(serde_json::json!({"model": "gemma-2b", "i": i})),
+        metadata: Metadata::from_value(&serde_json::json!({"model": "gemma-2b", "i": i})),
         arrived_ms: i as i64,
         uses: 0,
     }

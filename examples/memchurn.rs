@@ -71,8 +71,8 @@ fn main() {
         let mut rng = StdRng::seed_from_u64(5);
         for i in 0usize.. {
             let r = Response {
-                prompt_id: format!("p{}", i / 4),
-                response_id: format!("p{}-r{}", i / 4, i % 4),
+                prompt_id: format!("p{}", i / 4).into(),
+                response_id: format!("p{}-r{}", i / 4, i % 4).into(),
                 embedding: (0..d)
                     .map(|_| 20.0 + 4.0 * rng.random_range(-1.0f32..1.0))
                     .collect(),

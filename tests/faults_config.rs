@@ -47,8 +47,8 @@ fn write_checkpoint(dir: &Path, dim: usize, instance: &str) -> Vec<u8> {
         let x: Vec<f32> = (0..dim).map(|j| ((i * 7 + j * 3) % 11) as f32).collect();
         engine.on_response(
             Response {
-                prompt_id: format!("p{}", i % 2),
-                response_id: format!("r{i}"),
+                prompt_id: format!("p{}", i % 2).into(),
+                response_id: format!("r{i}").into(),
                 embedding: x,
                 metadata: None,
             },

@@ -104,10 +104,11 @@ fn check_response_ok(r: &Response) {
     assert!(valid_id(&r.prompt_id) && valid_id(&r.response_id), "{r:?}");
     assert_eq!(r.embedding.len(), DIM);
     assert!(r.embedding.iter().all(|x| x.is_finite()), "{r:?}");
-    assert!(matches!(r.metadata, None | Some(Value::Object(_))), "{r:?}");
-    let mut m = json!({"schema": RESPONSE_SCHEMA, "prompt_id": r.prompt_id,
-                       "response_id": r.response_id, "embedding": r.embedding});
-    if let Some(meta) = &r.metadata {
+    let meta = r.metadata.as_ref().map(|m| m.to_value());
+    assert!(matches!(meta, None | Some(Value::Object(_))), "{r:?}");
+    let mut m = json!({"schema": RESPONSE_SCHEMA, "prompt_id": &*r.prompt_id,
+                       "response_id": &*r.response_id, "embedding": r.embedding});
+    if let Some(meta) = &meta {
         m["metadata"] = meta.clone();
     }
     let again = d
@@ -118,7 +119,10 @@ fn check_response_ok(r: &Response) {
         (&r.prompt_id, &r.response_id, &r.embedding)
     );
     assert!(
-        json_close(again.metadata.as_ref(), r.metadata.as_ref()),
+        json_close(
+            again.metadata.as_ref().map(|m| m.to_value()).as_ref(),
+            meta.as_ref()
+        ),
         "{again:?} {r:?}"
     );
     let mut b = m.clone();

@@ -330,8 +330,8 @@ impl Engine {
         // The pool keeps raw embeddings only; rounds scale what they use (`run_round`), so a response
         // that is evicted before any round costs no scaling and no f64 copy.
         let entry = PoolEntry {
-            prompt_id: r.prompt_id.into(),
-            response_id: r.response_id.into(),
+            prompt_id: r.prompt_id,
+            response_id: r.response_id,
             raw: r.embedding,
             metadata: r.metadata,
             arrived_ms: now_ms,
@@ -1102,7 +1102,7 @@ impl Engine {
         self.pool
             .iter()
             .find(|(_, e)| &*e.prompt_id == prompt_id && &*e.response_id == response_id)
-            .and_then(|(_, e)| e.metadata.clone())
+            .and_then(|(_, e)| e.metadata.as_ref().map(|m| m.to_value()))
     }
 }
 

@@ -21,11 +21,13 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::sync::Arc;
 
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use base64::Engine as _;
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 pub const RESPONSE_SCHEMA: &str = "armd.response.v1";
@@ -199,10 +201,90 @@ impl std::error::Error for Rejection {}
 /// metadata (a JSON object, or `None`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Response {
-    pub prompt_id: String,
-    pub response_id: String,
+    pub prompt_id: Arc<str>,
+    pub response_id: Arc<str>,
     pub embedding: Vec<f32>,
-    pub metadata: Option<Value>,
+    pub metadata: Option<Metadata>,
+}
+
+/// A message's `metadata`: a JSON object, kept as the text that arrived.
+///
+/// armd never looks inside metadata; it passes a response's metadata on to the label requests that
+/// show the response. Keeping the text instead of a parsed tree gives it back byte for byte (key
+/// order, number spelling) and costs one allocation per message instead of one per key and value
+/// (at full ingest rate, building and freeing the tree cost more than pooling the response). It is
+/// checked as strictly as the tree was: an object, numbers within f64, at most 128 levels deep.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Metadata(Box<RawValue>);
+
+impl PartialEq for Metadata {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.get() == other.0.get()
+    }
+}
+
+impl Metadata {
+    /// The JSON text as received (no surrounding whitespace).
+    pub fn get(&self) -> &str {
+        self.0.get()
+    }
+
+    /// The parsed value (for tools and tests; armd itself never needs it).
+    pub fn to_value(&self) -> Value {
+        serde_json::from_str(self.0.get()).expect("metadata was validated as JSON")
+    }
+
+    /// Metadata holding `v`'s JSON text; `None` unless `v` is an object.
+    pub fn from_value(v: &Value) -> Option<Self> {
+        v.is_object()
+            .then(|| Self(RawValue::from_string(v.to_string()).expect("a Value is valid JSON")))
+    }
+}
+
+/// Walks any JSON value the way `serde_json::Value` does (numbers parsed, nesting counted) without
+/// building it: what metadata must pass to be accepted.
+struct StrictJson;
+
+impl<'de> Deserialize<'de> for StrictJson {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = StrictJson;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<StrictJson, E> {
+                Ok(StrictJson)
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<StrictJson, E> {
+                Ok(StrictJson)
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<StrictJson, E> {
+                Ok(StrictJson)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<StrictJson, E> {
+                Ok(StrictJson)
+            }
+            fn visit_str<E>(self, _: &str) -> Result<StrictJson, E> {
+                Ok(StrictJson)
+            }
+            fn visit_unit<E>(self) -> Result<StrictJson, E> {
+                Ok(StrictJson)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<StrictJson, A::Error> {
+                while seq.next_element::<StrictJson>()?.is_some() {}
+                Ok(StrictJson)
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<StrictJson, A::Error> {
+                while map.next_key::<de::IgnoredAny>()?.is_some() {
+                    map.next_value::<StrictJson>()?;
+                }
+                Ok(StrictJson)
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// Marker prefixed to errors raised inside serde visitors so they can be mapped back to a [`Reason`].
@@ -244,14 +326,16 @@ impl<'de> Deserialize<'de> for F32Array {
 struct RawResponse<'a> {
     #[serde(borrow)]
     schema: Cow<'a, str>,
-    prompt_id: String,
-    response_id: String,
+    #[serde(borrow)]
+    prompt_id: Cow<'a, str>,
+    #[serde(borrow)]
+    response_id: Cow<'a, str>,
     #[serde(default)]
     embedding: Option<F32Array>,
     #[serde(default, borrow)]
     embedding_b64: Option<Cow<'a, str>>,
     #[serde(default)]
-    metadata: Option<Value>,
+    metadata: Option<Metadata>,
 }
 
 /// Decodes the messages of the input topics against the deployment's dimension and size limit.
@@ -269,8 +353,13 @@ impl Decoder {
         }
     }
 
-    /// Checks the envelope shared by all input messages: present, not too large, UTF-8.
+    /// Checks the envelope shared by all input messages: present, not too large, UTF-8, an object.
     fn envelope<'p>(&self, payload: Option<&'p [u8]>) -> Result<&'p str, Rejection> {
+        text_of(self.size_checked(payload)?)
+    }
+
+    /// The first checks of [`Self::envelope`]: present and not too large.
+    fn size_checked<'p>(&self, payload: Option<&'p [u8]>) -> Result<&'p [u8], Rejection> {
         let bytes = match payload {
             None => {
                 return Err(Rejection::new(
@@ -291,26 +380,14 @@ impl Decoder {
                 ),
             ));
         }
-        let text = std::str::from_utf8(bytes).map_err(|e| {
-            Rejection::new(Reason::InvalidUtf8, format!("payload is not UTF-8: {e}"))
-        })?;
-        // serde's derived structs also accept JSON arrays (fields by position); armd's schemas are objects.
-        if !text.trim_start().starts_with('{') {
-            return Err(Rejection::new(
-                Reason::InvalidJson,
-                "payload is not a JSON object",
-            ));
-        }
-        Ok(text)
+        Ok(bytes)
     }
 
     /// Decodes and validates one message of the responses topic.
     pub fn response(&self, payload: Option<&[u8]>) -> Result<Response, Rejection> {
-        let text = self.envelope(payload)?;
-        match parse_without_b64_value(text) {
-            Some((raw, embedding)) => self.validate_response(raw, Some(embedding)),
-            None => self.response_plain(text),
-        }
+        let bytes = self.size_checked(payload)?;
+        self.response_fast(bytes)
+            .unwrap_or_else(|| self.response_plain(text_of(bytes)?))
     }
 
     /// [`Self::response`] without the base64 fast path (the reference the fast path is tested against).
@@ -324,6 +401,22 @@ impl Decoder {
         let raw: RawResponse<'_> =
             serde_json::from_str(text).map_err(|e| json_rejection(text, e))?;
         self.validate_response(raw, None)
+    }
+
+    /// The fast path of [`Self::response`] (see [`parse_without_b64_value`]); `None` when it does not
+    /// apply, and then the plain parse decides.
+    fn response_fast(&self, bytes: &[u8]) -> Option<Result<Response, Rejection>> {
+        let (rest, embedding) = parse_without_b64_value(bytes)?;
+        let raw: RawResponse<'_> = serde_json::from_str(&rest).ok()?;
+        // The emptied value must be the top-level field (the one occurrence could sit in `metadata`).
+        if raw.embedding_b64.as_deref() != Some("") {
+            return None;
+        }
+        let raw = RawResponse {
+            embedding_b64: None,
+            ..raw
+        };
+        Some(self.validate_response(raw, Some(embedding)))
     }
 
     /// The checks after parsing. `decoded` is `embedding_b64` already decoded by the fast path.
@@ -382,8 +475,8 @@ impl Decoder {
         }
         let metadata = check_metadata(raw.metadata)?;
         Ok(Response {
-            prompt_id: raw.prompt_id,
-            response_id: raw.response_id,
+            prompt_id: Arc::from(&*raw.prompt_id),
+            response_id: Arc::from(&*raw.response_id),
             embedding,
             metadata,
         })
@@ -435,29 +528,31 @@ fn check_id(field: &str, id: &str) -> Result<(), Rejection> {
     Ok(())
 }
 
-fn check_metadata(m: Option<Value>) -> Result<Option<Value>, Rejection> {
-    match m {
-        None | Some(Value::Null) => Ok(None),
-        Some(v @ Value::Object(_)) => Ok(Some(v)),
-        Some(other) => Err(Rejection::new(
-            Reason::WrongType,
-            format!(
-                "`metadata` must be a JSON object, got {}",
-                json_type(&other)
-            ),
-        )),
+/// `metadata` must be JSON that [`StrictJson`] accepts (checked first: a JSON error is `invalid_json` or
+/// `non_finite` whatever the type, as when the whole message fails to parse), and an object (or null:
+/// absent).
+fn check_metadata(m: Option<Metadata>) -> Result<Option<Metadata>, Rejection> {
+    let Some(m) = m else { return Ok(None) };
+    if let Err(e) = serde_json::from_str::<StrictJson>(m.get()) {
+        let msg = e.to_string();
+        let reason = if msg.starts_with("number out of range") {
+            Reason::NonFinite
+        } else {
+            Reason::InvalidJson
+        };
+        return Err(Rejection::new(reason, format!("`metadata`: {msg}")));
     }
-}
-
-fn json_type(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
+    let kind = match m.get().as_bytes().first() {
+        Some(b'{') => return Ok(Some(m)),
+        Some(b'[') => "an array",
+        Some(b'"') => "a string",
+        Some(b't' | b'f') => "a boolean",
+        _ => "a number",
+    };
+    Err(Rejection::new(
+        Reason::WrongType,
+        format!("`metadata` must be a JSON object, got {kind}"),
+    ))
 }
 
 /// Maps a serde_json error to a reason. serde's data-error messages are stable ("missing field `x`",
@@ -538,21 +633,34 @@ fn field_at(text: &str, line: usize, column: usize) -> Option<&str> {
     key
 }
 
+/// The last checks of [`Decoder::envelope`]: UTF-8, and a JSON object.
+fn text_of(bytes: &[u8]) -> Result<&str, Rejection> {
+    let text = std::str::from_utf8(bytes)
+        .map_err(|e| Rejection::new(Reason::InvalidUtf8, format!("payload is not UTF-8: {e}")))?;
+    // serde's derived structs also accept JSON arrays (fields by position); armd's schemas are objects.
+    if !text.trim_start().starts_with('{') {
+        return Err(Rejection::new(
+            Reason::InvalidJson,
+            "payload is not a JSON object",
+        ));
+    }
+    Ok(text)
+}
+
 /// The base64 fast path of [`Decoder::response`]: finds the value of `embedding_b64`, decodes it, and
-/// parses the rest of the message with that value cut out.
+/// returns the rest of the message with that value cut out (for `Decoder::response_fast` to parse).
 ///
 /// serde_json checks every byte of a string for quotes and escapes, which made the 4–11 kB base64
 /// value cost more than decoding it; here the value's end is found with `memchr` and the base64 decoder
 /// validates it (it refuses a backslash like any other byte outside the alphabet). Taken only when the
 /// cut is unambiguous: outside the value there is no backslash (every key is spelled literally, no
 /// string holds a quote) and no second `"embedding_b64"`, the key is followed by `:` and a string that
-/// decodes, and the parser then sees that key at the top level with the emptied value. Anything else
-/// (including every invalid message) returns `None` and goes through the plain parse, whose errors are
+/// decodes, and (checked by the caller) the parser then sees that key at the top level with the emptied
+/// value. Anything else (including every invalid message) goes through the plain parse, whose errors are
 /// the reference.
-fn parse_without_b64_value(text: &str) -> Option<(RawResponse<'_>, Vec<f32>)> {
+fn parse_without_b64_value(bytes: &[u8]) -> Option<(String, Vec<f32>)> {
     static KEY: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
         std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"embedding_b64\""));
-    let bytes = text.as_bytes();
     let at = KEY.find(bytes)?;
     let is_ws = |c: &u8| matches!(c, b' ' | b'\t' | b'\n' | b'\r');
     let mut i = at + KEY.needle().len();
@@ -567,34 +675,29 @@ fn parse_without_b64_value(text: &str) -> Option<(RawResponse<'_>, Vec<f32>)> {
     }
     let start = i + 1;
     let end = start + memchr::memchr(b'"', &bytes[start..])?;
-    let (head, tail) = (&text[..start], &text[end..]);
+    let (head, tail) = (&bytes[..start], &bytes[end..]);
     // `at` is the first occurrence, so only the tail can hold another.
-    if memchr::memchr(b'\\', head.as_bytes()).is_some()
-        || memchr::memchr(b'\\', tail.as_bytes()).is_some()
-        || KEY.find(tail.as_bytes()).is_some()
+    if memchr::memchr(b'\\', head).is_some()
+        || memchr::memchr(b'\\', tail).is_some()
+        || KEY.find(tail).is_some()
     {
         return None;
     }
+    // The value is not checked as UTF-8 on its own (a pass over 4–11 kB): the decoder accepts only the
+    // base64 alphabet, which is ASCII, so the payload is UTF-8 exactly when the head and tail are. The
+    // quotes are ASCII too, so the cuts cannot split a character.
+    let (head, tail) = (
+        std::str::from_utf8(head).ok()?,
+        std::str::from_utf8(tail).ok()?,
+    );
+    if !head.trim_start().starts_with('{') {
+        return None;
+    }
     let embedding = decode_f32_b64_fast(&bytes[start..end])?;
-    // Quotes are ASCII, so both cuts fall on character boundaries.
     let mut rest = String::with_capacity(head.len() + tail.len());
     rest.push_str(head);
     rest.push_str(tail);
-    let raw: RawResponse<'_> = serde_json::from_str(&rest).ok()?;
-    // The emptied value must be the top-level field (the one occurrence could sit in `metadata`).
-    if raw.embedding_b64.as_deref() != Some("") {
-        return None;
-    }
-    // `raw` borrows `rest` (schema, emptied `embedding_b64`): keep what is needed, owned.
-    let raw = RawResponse {
-        schema: Cow::Owned(raw.schema.into_owned()),
-        prompt_id: raw.prompt_id,
-        response_id: raw.response_id,
-        embedding: raw.embedding,
-        embedding_b64: None,
-        metadata: raw.metadata,
-    };
-    Some((raw, embedding))
+    Some((rest, embedding))
 }
 
 /// Decodes base64 of little-endian f32.
@@ -727,7 +830,7 @@ struct RawLabel {
     annotator_id: Option<String>,
     /// Accepted and ignored (annotation tools like to attach context).
     #[serde(default)]
-    metadata: Option<Value>,
+    metadata: Option<Metadata>,
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -741,7 +844,7 @@ pub struct RequestSide {
     pub response_id: String,
     /// The response's metadata as it arrived (or absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub metadata: Option<Value>,
+    pub metadata: Option<Metadata>,
     /// The raw embedding, base64 of little-endian f32. Lets a restarted daemon rebuild the pair from the
     /// requests topic alone (see `daemon` module doc, "Recovery").
     pub embedding_b64: String,
@@ -1075,11 +1178,101 @@ mod tests {
         v["metadata"] = json!({"model": "m1", "n": 3});
         let b = resp(v).unwrap();
         assert_eq!(a.embedding, b.embedding);
-        assert_eq!(b.metadata, Some(json!({"model": "m1", "n": 3})));
+        assert_eq!(
+            b.metadata.map(|m| m.to_value()),
+            Some(json!({"model": "m1", "n": 3}))
+        );
         // Unpadded base64 is accepted too.
         let s = encode_f32_b64(&[1.0, 2.0, 3.0, 4.5]);
         let v = decode_f32_b64("x", s.trim_end_matches('=')).unwrap();
         assert_eq!(v, vec![1.0, 2.0, 3.0, 4.5]);
+    }
+
+    #[test]
+    fn metadata_passes_through_verbatim_and_is_checked_like_a_json_value() {
+        let meta =
+            r#"{ "z": 1.50, "a": [true, null, "\u00e9"], "big": 123456789012345678901234567890 }"#;
+        let b = encode_f32_b64(&[1.0, -2.5, 0.0, 3.25]);
+        let head = format!(r#""schema":"{RESPONSE_SCHEMA}","prompt_id":"p","response_id":"r""#);
+        let plain = |m: &str| format!(r#"{{{head},"embedding":[1,-2.5,0,3.25],"metadata":{m}}}"#);
+        let fast = |m: &str| format!(r#"{{"embedding_b64":"{b}",{head},"metadata":{m}}}"#);
+        for text in [plain(meta), fast(meta)] {
+            let r = dec().response(Some(text.as_bytes())).unwrap();
+            assert_eq!(r.metadata.as_ref().map(Metadata::get), Some(meta), "{text}");
+            assert_eq!(
+                dec()
+                    .response(Some(plain("null").as_bytes()))
+                    .unwrap()
+                    .metadata,
+                None
+            );
+        }
+        let deep = format!(r#"{{"k":{}{}}}"#, "[".repeat(200), "]".repeat(200));
+        let deep_array = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        for (m, reason, detail) in [
+            (
+                r#"{"n": -1e999}"#,
+                Reason::NonFinite,
+                "`metadata`: number out of range",
+            ),
+            (
+                deep.as_str(),
+                Reason::InvalidJson,
+                "`metadata`: recursion limit exceeded",
+            ),
+            (
+                deep_array.as_str(),
+                Reason::InvalidJson,
+                "`metadata`: recursion limit exceeded",
+            ),
+            (
+                "[1]",
+                Reason::WrongType,
+                "`metadata` must be a JSON object, got an array",
+            ),
+            (
+                "7",
+                Reason::WrongType,
+                "`metadata` must be a JSON object, got a number",
+            ),
+            (
+                r#""m""#,
+                Reason::WrongType,
+                "`metadata` must be a JSON object, got a string",
+            ),
+            (
+                "false",
+                Reason::WrongType,
+                "`metadata` must be a JSON object, got a boolean",
+            ),
+        ] {
+            for text in [plain(m), fast(m)] {
+                let r = dec().response(Some(text.as_bytes())).unwrap_err();
+                assert_eq!(r.reason, reason, "{text}");
+                assert!(r.detail.starts_with(detail), "{}", r.detail);
+            }
+        }
+    }
+
+    #[test]
+    fn fast_path_rejects_invalid_utf8_before_and_after_the_value() {
+        let b = encode_f32_b64(&[1.0, -2.5, 0.0, 3.25]);
+        let text = format!(
+            r#"{{"schema":"{RESPONSE_SCHEMA}","prompt_id":"pX","embedding_b64":"{b}","response_id":"rX"}}"#
+        );
+        assert!(dec().response(Some(text.as_bytes())).is_ok());
+        for (nth, byte) in [(0, 0xff), (1, 0xff), (0, 0xc3), (1, 0x80)] {
+            let mut bytes = text.clone().into_bytes();
+            let at = text.match_indices('X').nth(nth).unwrap().0;
+            bytes[at] = byte;
+            let got = dec().response(Some(&bytes));
+            assert_eq!(
+                reason_of(got.clone()),
+                Reason::InvalidUtf8,
+                "{nth} {byte:#x}"
+            );
+            assert_eq!(got, dec().response_reference(Some(&bytes)));
+        }
     }
 
     #[test]
@@ -1088,7 +1281,11 @@ mod tests {
         let head = format!(
             "\"schema\": \"{RESPONSE_SCHEMA}\", \"prompt_id\": \"p\", \"response_id\": \"r\""
         );
-        let taken = |t: String| parse_without_b64_value(&t).map(|(_, v)| v);
+        let taken = |t: String| {
+            dec()
+                .response_fast(t.as_bytes())
+                .map(|r| r.expect("a valid response").embedding)
+        };
         let x = Some(vec![1.0, -2.5, 0.0, 3.25]);
         assert_eq!(taken(format!("{{{head}, \"embedding_b64\" : \"{b}\"}}")), x);
         assert_eq!(
@@ -1368,7 +1565,7 @@ mod tests {
         let side = |r: &str| RequestSide {
             prompt_id: "p".into(),
             response_id: r.into(),
-            metadata: Some(json!({"k": 1})),
+            metadata: Metadata::from_value(&json!({"k": 1})),
             embedding_b64: encode_f32_b64(&[1.0, 2.0]),
         };
         let req = LabelRequest {

@@ -6,10 +6,17 @@
 //! responses are plentiful and cheap to lose, while checkpointing d floats per pooled response would
 //! dominate the checkpoint size.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, VecDeque};
+use std::hash::BuildHasher;
 use std::sync::Arc;
 
-use serde_json::Value;
+use hashbrown::HashTable;
+
+use super::messages::Metadata;
+
+/// Holes tolerated beyond the number of entries before the queue is compacted (small in tests, so the
+/// model test exercises compaction).
+const COMPACT_SLACK: usize = if cfg!(test) { 2 } else { 64 };
 
 /// One pooled response.
 #[derive(Clone, Debug)]
@@ -19,10 +26,18 @@ pub struct PoolEntry {
     /// As received: requests carry raw embeddings, and selection rounds scale them with the frozen
     /// scaler (not stored: a pooled response is often evicted before any round uses it).
     pub raw: Vec<f32>,
-    pub metadata: Option<Value>,
+    pub metadata: Option<Metadata>,
     /// Milliseconds since the epoch when the response (first) entered the pool.
     pub arrived_ms: i64,
     pub uses: u32,
+}
+
+/// A queue cell: a slot, the hash of its key, and its entry (`None`: removed, a hole).
+#[derive(Debug)]
+struct Cell {
+    slot: u64,
+    hash: u64,
+    entry: Option<PoolEntry>,
 }
 
 /// Why responses left the pool, for metrics.
@@ -33,18 +48,33 @@ pub struct Evicted {
 }
 
 /// Insertion-ordered, bounded map of responses keyed by (prompt id, response id).
+///
+/// Every ingested response is inserted and (at a busy, full pool) soon evicted, so both are O(1) with
+/// no tree updates: entries sit in a queue in slot order (slots grow with every insert), and a removal
+/// from the middle leaves a hole that the front skips and that compaction clears once holes outnumber
+/// entries. Slots are stable across compaction (a slot is found by binary search). TTL order is slot
+/// order except for entries inserted with an arrival time older than an earlier entry's (a lapsed
+/// request's responses coming back, a wall clock stepping back): only those are kept in a sorted set.
 #[derive(Debug)]
 pub struct Pool {
     capacity: usize,
     ttl_ms: i64,
-    entries: BTreeMap<u64, PoolEntry>,
-    /// foldhash (randomly seeded, several times faster than std's SipHash on short keys): the index is
-    /// updated twice per ingested response.
-    index: HashMap<(Arc<str>, Arc<str>), u64, foldhash::fast::RandomState>,
-    /// (arrived_ms, slot) of every entry: the TTL purge pops stale entries from the front instead of
-    /// scanning the whole pool (it runs after every engine wake-up). Slots are not in arrival order: a
-    /// lapsed request's responses come back with their original arrival time.
-    by_arrival: BTreeSet<(i64, u64)>,
+    /// Strictly increasing slots; the front is never a hole.
+    queue: VecDeque<Cell>,
+    live: usize,
+    /// The slot of every entry, by the hash of its (prompt id, response id). Removing an entry finds its
+    /// slot by the stored hash alone: an evicted entry's ids were last touched thousands of responses
+    /// ago, and re-hashing them (a `HashMap` keyed by the ids) cost more than the rest of pooling.
+    /// Holds (slot, hash): re-hashing (the table rehashes in place to clear removal markers) must not
+    /// look up the queue.
+    index: HashTable<(u64, u64)>,
+    /// foldhash: randomly seeded, several times faster than std's SipHash on short keys.
+    hasher: foldhash::fast::RandomState,
+    /// (arrived_ms, slot) of the entries that arrived before an entry inserted earlier. Every other entry
+    /// arrived no earlier than all entries in front of it, so the TTL purge pops those from the front.
+    late: BTreeSet<(i64, u64)>,
+    /// Latest arrival time inserted so far.
+    latest_arrival: i64,
     next_slot: u64,
 }
 
@@ -53,65 +83,126 @@ impl Pool {
         Self {
             capacity,
             ttl_ms,
-            entries: BTreeMap::new(),
-            index: HashMap::default(),
-            by_arrival: BTreeSet::new(),
+            queue: VecDeque::new(),
+            live: 0,
+            index: HashTable::with_capacity(capacity.min(1 << 20)),
+            hasher: Default::default(),
+            late: BTreeSet::new(),
+            latest_arrival: i64::MIN,
             next_slot: 0,
         }
     }
 
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.live
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.live == 0
+    }
+
+    fn key_hash(&self, prompt_id: &str, response_id: &str) -> u64 {
+        self.hasher.hash_one((prompt_id, response_id))
+    }
+
+    /// The slot holding (prompt id, response id), if pooled.
+    fn find(&self, hash: u64, prompt_id: &str, response_id: &str) -> Option<u64> {
+        self.index
+            .find(hash, |&(slot, _)| {
+                self.get(slot)
+                    .is_some_and(|e| *e.prompt_id == *prompt_id && *e.response_id == *response_id)
+            })
+            .map(|&(slot, _)| slot)
     }
 
     pub fn contains(&self, prompt_id: &str, response_id: &str) -> bool {
-        self.index
-            .contains_key(&(Arc::from(prompt_id), Arc::from(response_id)))
+        let hash = self.key_hash(prompt_id, response_id);
+        self.find(hash, prompt_id, response_id).is_some()
     }
 
     /// Adds a response; returns `false` (and changes nothing) when it is already pooled. Evicts the oldest
     /// entries when full.
     pub fn insert(&mut self, entry: PoolEntry, evicted: &mut Evicted) -> bool {
-        let key = (entry.prompt_id.clone(), entry.response_id.clone());
-        if self.index.contains_key(&key) {
+        let hash = self.key_hash(&entry.prompt_id, &entry.response_id);
+        if self
+            .find(hash, &entry.prompt_id, &entry.response_id)
+            .is_some()
+        {
             return false;
         }
-        while self.entries.len() >= self.capacity {
-            if let Some((&slot, _)) = self.entries.iter().next() {
-                self.remove(slot);
-                evicted.capacity += 1;
-            }
+        while self.live >= self.capacity && self.pop_front().is_some() {
+            evicted.capacity += 1;
         }
         let slot = self.next_slot;
         self.next_slot += 1;
-        self.index.insert(key, slot);
-        self.by_arrival.insert((entry.arrived_ms, slot));
-        self.entries.insert(slot, entry);
+        self.index.insert_unique(hash, (slot, hash), |&(_, h)| h);
+        if entry.arrived_ms < self.latest_arrival {
+            self.late.insert((entry.arrived_ms, slot));
+        } else {
+            self.latest_arrival = entry.arrived_ms;
+        }
+        self.queue.push_back(Cell {
+            slot,
+            hash,
+            entry: Some(entry),
+        });
+        self.live += 1;
         true
     }
 
+    /// Removes the oldest entry (lowest slot).
+    fn pop_front(&mut self) -> Option<PoolEntry> {
+        let cell = self.queue.pop_front()?;
+        let e = cell.entry.expect("the front is never a hole");
+        self.forget(cell.slot, cell.hash, &e);
+        self.skip_holes();
+        Some(e)
+    }
+
+    /// Drops the index and TTL records of a removed entry.
+    fn forget(&mut self, slot: u64, hash: u64, e: &PoolEntry) {
+        self.live -= 1;
+        if !self.late.is_empty() {
+            self.late.remove(&(e.arrived_ms, slot));
+        }
+        if let Ok(found) = self.index.find_entry(hash, |&(s, _)| s == slot) {
+            found.remove();
+        }
+    }
+
+    fn skip_holes(&mut self) {
+        while self.queue.front().is_some_and(|c| c.entry.is_none()) {
+            self.queue.pop_front();
+        }
+    }
+
     pub fn remove(&mut self, slot: u64) -> Option<PoolEntry> {
-        let e = self.entries.remove(&slot)?;
-        self.by_arrival.remove(&(e.arrived_ms, slot));
-        self.index
-            .remove(&(e.prompt_id.clone(), e.response_id.clone()));
+        let i = position(&self.queue, slot)?;
+        let e = self.queue[i].entry.take()?;
+        self.forget(slot, self.queue[i].hash, &e);
+        self.skip_holes();
+        // Holes cost a queue cell each: clear them once they outnumber the entries (amortised O(1)).
+        if self.queue.len() > 2 * self.live + COMPACT_SLACK {
+            self.queue.retain(|c| c.entry.is_some());
+        }
         Some(e)
     }
 
     /// Drops responses older than the TTL (cost proportional to the number dropped).
     pub fn purge_expired(&mut self, now_ms: i64, evicted: &mut Evicted) {
-        while let Some(&(arrived, slot)) = self.by_arrival.first() {
+        while let Some(Cell { entry: Some(e), .. }) = self.queue.front() {
+            if self.is_fresh(e.arrived_ms, now_ms) {
+                break;
+            }
+            self.pop_front();
+            evicted.ttl += 1;
+        }
+        while let Some(&(arrived, slot)) = self.late.first() {
             if self.is_fresh(arrived, now_ms) {
                 break;
             }
-            self.by_arrival.pop_first();
-            if self.remove(slot).is_some() {
-                evicted.ttl += 1;
-            }
+            self.remove(slot).expect("late entries are pooled");
+            evicted.ttl += 1;
         }
     }
 
@@ -120,22 +211,31 @@ impl Pool {
         now_ms - arrived_ms <= self.ttl_ms
     }
 
+    /// Entries in slot order.
     pub fn iter(&self) -> impl Iterator<Item = (u64, &PoolEntry)> {
-        self.entries.iter().map(|(&s, e)| (s, e))
+        self.queue
+            .iter()
+            .filter_map(|c| c.entry.as_ref().map(|e| (c.slot, e)))
     }
 
     /// The most recently inserted entry (slots grow with every insert).
     pub fn newest(&self) -> Option<&PoolEntry> {
-        self.entries.last_key_value().map(|(_, e)| e)
+        self.queue.iter().rev().find_map(|c| c.entry.as_ref())
     }
 
     pub fn get(&self, slot: u64) -> Option<&PoolEntry> {
-        self.entries.get(&slot)
+        self.queue[position(&self.queue, slot)?].entry.as_ref()
     }
 
     pub fn get_mut(&mut self, slot: u64) -> Option<&mut PoolEntry> {
-        self.entries.get_mut(&slot)
+        let i = position(&self.queue, slot)?;
+        self.queue[i].entry.as_mut()
     }
+}
+
+/// Where `slot` sits in the queue (slots are strictly increasing).
+fn position(queue: &VecDeque<Cell>, slot: u64) -> Option<usize> {
+    queue.binary_search_by_key(&slot, |c| c.slot).ok()
 }
 
 #[cfg(test)]
@@ -200,7 +300,7 @@ mod tests {
         pool.remove(mid);
         pool.purge_expired(1000, &mut ev);
         assert_eq!((pool.len(), ev.ttl), (0, 2));
-        assert!(pool.by_arrival.is_empty());
+        assert!(pool.late.is_empty() && pool.queue.is_empty());
     }
 
     #[derive(Clone, Debug)]
@@ -231,6 +331,8 @@ mod tests {
             let mut pool = Pool::new(cap, ttl);
             let mut model: Vec<(u64, String, String, i64)> = Vec::new();
             let (mut next, mut ev, mut model_ev) = (0u64, Evicted::default(), Evicted::default());
+            // Per slot, the latest arrival inserted before it.
+            let (mut latest, mut latest_before) = (i64::MIN, std::collections::HashMap::<u64, i64>::new());
             for op in ops {
                 match op {
                     Op::Insert(p, r, t) => {
@@ -242,6 +344,8 @@ mod tests {
                                 model_ev.capacity += 1;
                             }
                             model.push((next, p.clone(), r.clone(), t));
+                            latest_before.insert(next, latest);
+                            latest = latest.max(t);
                             next += 1;
                         }
                         proptest::prop_assert_eq!(pool.insert(entry(&p, &r, t), &mut ev), fresh);
@@ -265,8 +369,27 @@ mod tests {
                     .map(|(s, e)| (s, e.prompt_id.to_string(), e.response_id.to_string(), e.arrived_ms))
                     .collect();
                 proptest::prop_assert_eq!(&got, &model);
+                for e in &model {
+                    proptest::prop_assert!(pool.get(e.0).is_some_and(|x| *x.response_id == e.2));
+                }
+                proptest::prop_assert!(pool.get(next).is_none());
+                proptest::prop_assert_eq!(
+                    pool.newest().map(|e| e.response_id.to_string()),
+                    model.last().map(|e| e.2.clone())
+                );
                 proptest::prop_assert_eq!(pool.index.len(), model.len());
-                proptest::prop_assert_eq!(pool.by_arrival.len(), model.len());
+                proptest::prop_assert_eq!(pool.len(), model.len());
+                // Late entries are exactly those that arrived before an entry inserted earlier.
+                let late: Vec<u64> = model
+                    .iter()
+                    .filter(|e| e.3 < latest_before[&e.0])
+                    .map(|e| e.0)
+                    .collect();
+                let mut got_late: Vec<u64> = pool.late.iter().map(|&(_, s)| s).collect();
+                got_late.sort_unstable();
+                proptest::prop_assert_eq!(got_late, late);
+                proptest::prop_assert!(pool.queue.front().is_none_or(|c| c.entry.is_some()));
+                proptest::prop_assert!(pool.queue.len() <= 2 * cap + COMPACT_SLACK);
                 proptest::prop_assert_eq!(ev, model_ev);
                 for p in 0..6 {
                     for r in 0..6 {

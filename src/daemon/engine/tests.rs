@@ -1,7 +1,7 @@
 //! Engine rules without Kafka: the engine is driven with messages and a clock.
 
 use super::*;
-use crate::daemon::messages::LABEL_SCHEMA;
+use crate::daemon::messages::{Metadata, LABEL_SCHEMA};
 use crate::daemon::telemetry::Telemetry;
 use rand::Rng;
 
@@ -49,12 +49,12 @@ impl World {
     fn response(&mut self, prompt: u64) -> Response {
         self.next += 1;
         Response {
-            prompt_id: format!("p{prompt}"),
-            response_id: format!("r{}", self.next),
+            prompt_id: format!("p{prompt}").into(),
+            response_id: format!("r{}", self.next).into(),
             embedding: (0..D)
                 .map(|_| self.rng.random_range(-3.0f32..3.0) + 10.0)
                 .collect(),
-            metadata: Some(serde_json::json!({"n": self.next})),
+            metadata: Metadata::from_value(&serde_json::json!({"n": self.next})),
         }
     }
     fn reward(&self, x: &[f32]) -> f64 {
