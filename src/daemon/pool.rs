@@ -233,8 +233,13 @@ impl Pool {
     }
 }
 
-/// Where `slot` sits in the queue (slots are strictly increasing).
+/// Where `slot` sits in the queue. Slots are strictly increasing and, until a compaction, consecutive
+/// (holes keep their cells), so the offset from the front is tried first; a binary search otherwise.
 fn position(queue: &VecDeque<Cell>, slot: u64) -> Option<usize> {
+    let guess = usize::try_from(slot.checked_sub(queue.front()?.slot)?).ok()?;
+    if queue.get(guess).is_some_and(|c| c.slot == slot) {
+        return Some(guess);
+    }
     queue.binary_search_by_key(&slot, |c| c.slot).ok()
 }
 
