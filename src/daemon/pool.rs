@@ -201,8 +201,10 @@ impl Pool {
             if self.is_fresh(arrived, now_ms) {
                 break;
             }
-            self.remove(slot).expect("late entries are pooled");
-            evicted.ttl += 1;
+            self.late.pop_first();
+            if self.remove(slot).is_some() {
+                evicted.ttl += 1;
+            }
         }
     }
 
