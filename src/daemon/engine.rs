@@ -34,7 +34,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use faer::Mat;
+use faer::{Mat, MatRef};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde_json::Value;
@@ -1027,10 +1027,7 @@ impl Engine {
         };
         let l = p.cholesky();
         let d = p.dim();
-        // diag(H)_i = Σ_j L_ij² (row norms of the factor).
-        let precision_diagonal = (0..d)
-            .map(|i| (0..=i).map(|j| l[(i, j)] * l[(i, j)]).sum())
-            .collect();
+        let precision_diagonal = precision_diagonal(l);
         let pq = p.prequential();
         ModelSnapshot {
             schema: MODEL_SCHEMA.to_string(),
@@ -1106,6 +1103,20 @@ impl Engine {
             .find(|(_, e)| &*e.prompt_id == prompt_id && &*e.response_id == response_id)
             .and_then(|(_, e)| e.metadata.as_ref().map(|m| m.to_value()))
     }
+}
+
+/// diag(H)_i = Σ_j L_ij², the squared row norms of the Cholesky factor, summed column by column: the
+/// factor is column-major, and walking its rows took a cache miss per element. At d = 2048 that was
+/// 17–18 ms of the engine thread per export, by columns 1.8–2.5 ms (both loops timed in one release
+/// test run on this project's 2-core machine, 2026-11-27).
+fn precision_diagonal(l: MatRef<'_, f64>) -> Vec<f64> {
+    let mut diag = vec![0.0; l.nrows()];
+    for j in 0..l.ncols() {
+        for (i, h) in diag.iter_mut().enumerate().skip(j) {
+            *h += l[(i, j)] * l[(i, j)];
+        }
+    }
+    diag
 }
 
 #[cfg(test)]
