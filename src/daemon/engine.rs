@@ -21,7 +21,7 @@
 //!   responses go back to the pool (if still within the pool TTL); it stays joinable for
 //!   `expiry_grace_secs` for labels timestamped before the expiry that are consumed late, then its id is
 //!   remembered in a bounded closed set.
-//! - **Refit**: every `refit_every` applied labels (a deterministic point) a [`RefitJob`] snapshot runs on
+//! - **Refit**: every `refit_every` applied labels (a deterministic point) a [`RefitJob`](crate::posterior::RefitJob) snapshot runs on
 //!   its own thread; [`Engine::poll_refit`] installs it, re-applying newer labels on top. The result does
 //!   not depend on *when* it is installed (the same labels are re-applied in the same order), so a replay
 //!   of the same labels reproduces the posterior. A second refit waits for the first. When the label store
