@@ -650,8 +650,8 @@ fn text_of(bytes: &[u8]) -> Result<&str, Rejection> {
 
 /// Whether no value is infinite or NaN, on the bits: adding one to the exponent field carries into the
 /// sign bit exactly when the exponent is all ones. Three integer operations per four values with plain
-/// SSE2 and no branch, where `iter().all(is_finite)` and a float max took about a seventh of decoding
-/// a d = 768 response.
+/// SSE2 and no branch. In profiles of the d = 768 decode microbench the previous `fold(is_finite)` took
+/// about a tenth of the decoding, and a first integer-max version a seventh (SSE2 has no unsigned max).
 fn all_finite(x: &[f32]) -> bool {
     const EXPONENT: u32 = 0x7f80_0000;
     const ONE: u32 = 0x0080_0000;
