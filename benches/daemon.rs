@@ -352,9 +352,10 @@ fn armd_ingest(cfg: Config, n: usize) -> Rate {
     let deadline = Instant::now() + Duration::from_secs(600);
     let mut start: Option<(Instant, f64)> = None;
     let mut times0 = ThreadTimes::new();
-    // Each scrape renders the whole exposition (≈ 2 ms of a tokio worker): polling every 20 ms took
-    // ≈ 9 % of a core from the daemon being measured. Once the rate is known, the bench sleeps half the
-    // predicted remaining time (at most 500 ms), so the end is still caught within 20 ms.
+    // Each scrape renders the whole exposition on one of the daemon's tokio workers: polling every 20 ms
+    // kept that worker 2–3 % busy in the d = 768 no-rounds window, paced 1–2 % (BENCHMARKS.md "Daemon").
+    // Once the rate is known, the bench sleeps half the predicted remaining time (at most 500 ms), so
+    // the end is still caught within 20 ms.
     let fine = Duration::from_millis(20);
     let end = loop {
         assert!(!d.finished(), "the daemon stopped while ingesting");
