@@ -25,7 +25,8 @@
 //! Sizes: `ARMD_BENCH_INGEST_MB` (payload megabytes pre-produced per ingest case, default 1000; the topics are deleted after each case),
 //! `ARMD_BENCH_REPEATS` (raw/armd measurements per case, default 5; a summary gives medians), `ARMD_BENCH_INGEST_CASES` (e.g.
 //! `2048-base64,768-json`: only these ingest cases), `ARMD_BENCH_INGEST_CONFIGS` (`default` or
-//! `no-rounds`: only that armd configuration), `ARMD_BENCH_DELAY_SECS` (length of
+//! `no-rounds`: only that armd configuration), `ARMD_BENCH_KAFKA_SETTINGS` (`key=value,...`: librdkafka
+//! settings for every client, raw consumer included), `ARMD_BENCH_DELAY_SECS` (length of
 //! the label-delay run, default 45).
 
 #[path = "../tests/common/mod.rs"]
@@ -182,7 +183,18 @@ fn default_config(
         ("ARMD__HTTP__LISTEN", "127.0.0.1:0"),
     ];
     env.extend_from_slice(extra);
-    Config::from_toml_with_env(DEFAULT_CONFIG, &env).expect("bench configuration")
+    let mut cfg = Config::from_toml_with_env(DEFAULT_CONFIG, &env).expect("bench configuration");
+    // `ARMD_BENCH_KAFKA_SETTINGS=key=value,...`: librdkafka settings for every client of the run (the raw
+    // consumer's included, since it takes armd's settings), as `kafka.settings` would give them.
+    if let Ok(extra) = std::env::var("ARMD_BENCH_KAFKA_SETTINGS") {
+        for kv in extra.split(',').filter(|kv| !kv.is_empty()) {
+            let (k, v) = kv
+                .split_once('=')
+                .unwrap_or_else(|| panic!("ARMD_BENCH_KAFKA_SETTINGS: {kv:?} is not key=value"));
+            cfg.kafka.settings.insert(k.to_string(), v.to_string());
+        }
+    }
+    cfg
 }
 
 /// Polls `series` on the daemon's `/metrics` (`None` while it cannot be scraped).
