@@ -2,13 +2,15 @@
 //! - one-label update vs one dense d×d matrix–vector product (its memory-bound floor);
 //! - greedy-dopt selection vs the single triangular solve that whitens the pool (its floor), and the paper's
 //!   dopt rule implemented naively (materialised candidate Fisher matrix) on the same candidates;
+//! - whitening the default pool (N = 4096): the low-rank form the posterior uses while fewer than d/4
+//!   labels are stored, against the triangular solve with the Cholesky factor it replaces;
 //! - refit with n labels.
 //!
 //! Run: `cargo bench --bench core` (filter with e.g. `-- update`).
 
 mod shared;
 
-use armd::posterior::RefitOptions;
+use armd::posterior::{RefitOptions, Whitener};
 use armd::selection::{self, dopt, Round, SelectionParams, StrategyKind};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use faer::Mat;
@@ -40,11 +42,16 @@ fn bench_update(c: &mut Criterion) {
     g.finish();
 }
 
-fn bench_selection(c: &mut Criterion) {
-    let d: usize = std::env::var("ARMD_BENCH_D")
+/// `ARMD_BENCH_D`, default 2048: the dimension of the selection and whitening benches.
+fn bench_dim() -> usize {
+    std::env::var("ARMD_BENCH_D")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(2048);
+        .unwrap_or(2048)
+}
+
+fn bench_selection(c: &mut Criterion) {
+    let d = bench_dim();
     let mut g = c.benchmark_group("selection");
     g.sample_size(10);
     g.measurement_time(Duration::from_secs(20));
@@ -109,6 +116,37 @@ fn bench_selection(c: &mut Criterion) {
     g.finish();
 }
 
+fn bench_whitening(c: &mut Criterion) {
+    let d = bench_dim();
+    let mut g = c.benchmark_group("whitening");
+    g.sample_size(10);
+    let mut rng = StdRng::seed_from_u64(5);
+    let x = Mat::<f64>::from_fn(d, 4096, |_, _| {
+        rand::Rng::random_range(&mut rng, -1.0..1.0) / (d as f64).sqrt()
+    });
+    let mut ks: Vec<usize> = [0, 64, 128, d / 8 - 1]
+        .into_iter()
+        .filter(|&k| Whitener::prefers_low_rank(k, d))
+        .collect();
+    ks.sort_unstable();
+    ks.dedup();
+    for k in ks {
+        let post = trained(d, k, &mut rng);
+        g.bench_with_input(BenchmarkId::new(format!("cholesky_{d}"), k), &k, |b, _| {
+            b.iter(|| black_box(Whitener::Cholesky(post.cholesky()).whiten(x.as_ref())))
+        });
+        // Includes building the map (K × K Gram and eigendecomposition), as every round does.
+        g.bench_with_input(BenchmarkId::new(format!("low_rank_{d}"), k), &k, |b, _| {
+            b.iter(|| {
+                let w = post.whitener();
+                assert!(w.is_low_rank());
+                black_box(w.whiten(x.as_ref()))
+            })
+        });
+    }
+    g.finish();
+}
+
 fn bench_refit(c: &mut Criterion) {
     let mut g = c.benchmark_group("refit");
     g.sample_size(10);
@@ -123,5 +161,11 @@ fn bench_refit(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_update, bench_selection, bench_refit);
+criterion_group!(
+    benches,
+    bench_update,
+    bench_selection,
+    bench_whitening,
+    bench_refit
+);
 criterion_main!(benches);

@@ -859,6 +859,13 @@ fn rounds(c: &mut Criterion) {
                     total
                 })
             });
+            // The posterior whitens with its low-rank form while fewer than d/8 labels are stored
+            // (`armd::posterior::Whitener`): say which regime the samples ran in.
+            eprintln!(
+                "round: engine_{strategy}/{d} ended with {} stored labels (low-rank whitening below {})",
+                b.engine.posterior().label_count(),
+                d.div_ceil(8)
+            );
         }
         let s = SelectOnly::new(d);
         let params = SelectionParams::default();

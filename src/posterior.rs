@@ -457,6 +457,25 @@ impl Posterior {
         &self.prequential
     }
 
+    /// The whitening map of the current state ([`Whitener`]): the low-rank form while the prior is
+    /// isotropic and fewer than d/8 labels are stored (there `H = λ₀ I + Σ_k w_k v_k v_kᵀ` exactly: the
+    /// stored weights are the ones the factor holds), otherwise the Cholesky factor.
+    pub fn whitener(&self) -> Whitener<'_> {
+        if let PriorPrecision::Isotropic(lambda0) = self.prior.precision {
+            if Whitener::prefers_low_rank(self.labels.len(), self.dim()) {
+                let labels = self
+                    .labels
+                    .iter()
+                    .zip(&self.weights)
+                    .map(|(l, &w)| (l.v.as_slice(), w));
+                if let Some(w) = Whitener::low_rank(lambda0, self.dim(), labels) {
+                    return w;
+                }
+            }
+        }
+        Whitener::Cholesky(self.chol.as_ref())
+    }
+
     /// `log det H = 2 Σ log L_ii`.
     pub fn log_det(&self) -> f64 {
         log_det_from_cholesky(self.chol.as_ref())
@@ -752,6 +771,9 @@ pub fn solve_step(m: f64, s: f64, y: f64) -> f64 {
     }
     c
 }
+
+mod whitener;
+pub use whitener::Whitener;
 
 #[cfg(test)]
 mod tests;

@@ -364,3 +364,86 @@ proptest! {
         prop_assert!((a.log_det() - b.log_det()).abs() < 1e-8 * a.log_det().abs().max(1.0));
     }
 }
+
+/// `Xᵀ H⁻¹ X` by the independent dense solver, with `H = L Lᵀ` of the posterior's own factor.
+fn dense_covariance_gram(p: &Posterior, x: &Mat<f64>) -> Vec<Vec<f64>> {
+    let h = dense_h(p);
+    let solved: Vec<Vec<f64>> = (0..x.ncols())
+        .map(|j| dense_solve(&h, &(0..x.nrows()).map(|i| x[(i, j)]).collect::<Vec<_>>()))
+        .collect();
+    (0..x.ncols())
+        .map(|a| {
+            (0..x.ncols())
+                .map(|b| (0..x.nrows()).map(|i| x[(i, a)] * solved[b][i]).sum())
+                .collect()
+        })
+        .collect()
+}
+
+/// Both whitening maps against a dense `H⁻¹`: whitened inner products are `x_aᵀ H⁻¹ x_b`, one vector
+/// whitens like a column of a block, and the low-rank form holds through online updates, a refit with
+/// later labels re-applied, and a checkpoint round trip (all of which must keep the stored weights
+/// equal to the ones in the factor).
+#[test]
+fn whitening_maps_give_the_posterior_covariance() {
+    for (d, labels, refit) in [
+        (8, 0, false),
+        (8, 1, false),
+        (16, 2, true),
+        (33, 6, true),
+        (9, 5, false),
+        (12, 6, true),
+    ] {
+        let (mut p, mut rng) = trained(d, labels, 40 + d as u64);
+        if refit {
+            let job = p.refit_job();
+            p.update(&random_vec(d, 1.0, &mut rng), 1.0).unwrap();
+            p.install_refit(job.run(RefitOptions::default()).unwrap())
+                .unwrap();
+            p = Posterior::from_parts(p.to_parts()).unwrap();
+        }
+        let k = p.label_count();
+        let x = Mat::<f64>::from_fn(d, 6, |_, _| rng.random_range(-2.0..2.0));
+        let want = dense_covariance_gram(&p, &x);
+        let scale = want.iter().flatten().fold(0.0f64, |m, v| m.max(v.abs()));
+        let own = p.whitener();
+        assert_eq!(own.is_low_rank(), 8 * k < d, "d {d}, {k} labels");
+        for w in [own, Whitener::Cholesky(p.cholesky())] {
+            let z = w.whiten(x.as_ref());
+            for a in 0..6 {
+                for b in 0..6 {
+                    let got: f64 = (0..d).map(|i| z[(i, a)] * z[(i, b)]).sum();
+                    assert!(
+                        (got - want[a][b]).abs() <= 1e-10 * scale,
+                        "d {d}, {k} labels, low-rank {}: ({a}, {b}) {got} vs {}",
+                        w.is_low_rank(),
+                        want[a][b]
+                    );
+                }
+            }
+            let mut v: Vec<f64> = (0..d).map(|i| x[(i, 2)]).collect();
+            w.whiten_vec(&mut v);
+            assert!(max_rel(&v, &(0..d).map(|i| z[(i, 2)]).collect::<Vec<_>>()) < 1e-12);
+        }
+    }
+}
+
+#[test]
+fn low_rank_whitening_only_under_an_isotropic_prior_with_few_labels() {
+    let (mut p, mut rng) = trained(24, 2, 3);
+    assert!(p.whitener().is_low_rank());
+    p.update(&random_vec(24, 1.0, &mut rng), 0.0).unwrap();
+    assert!(!p.whitener().is_low_rank(), "3 labels at d = 24");
+    let (mut p, _) = trained(24, 2, 3);
+    p.consolidate();
+    assert_eq!(p.label_count(), 0);
+    assert!(
+        !p.whitener().is_low_rank(),
+        "dense prior after consolidation"
+    );
+    let warm = Posterior::warm_start(vec![0.0; 24], Mat::<f64>::identity(24, 24)).unwrap();
+    assert!(
+        !warm.whitener().is_low_rank(),
+        "dense prior of a warm start"
+    );
+}

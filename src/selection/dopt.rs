@@ -24,7 +24,7 @@ use rayon::prelude::*;
 use super::{scoring, top_k, Pick, Round, SelectionParams};
 use crate::candidates::Pair;
 use crate::error::CoreError;
-use crate::linalg::{self, cholesky_lower, dot, sigmoid, solve_lower};
+use crate::linalg::{self, cholesky_lower, dot, sigmoid};
 
 /// `Σ_pairs w·(x_a − x_b)(x_a − x_b)ᵀ` (lower triangle) added into `acc`, via the graph Laplacian.
 pub fn add_pair_gram_lower(acc: &mut Mat<f64>, x: MatRef<'_, f64>, pairs: &[Pair], w: &[f64]) {
@@ -318,16 +318,23 @@ pub fn greedy(round: &mut Round<'_>, eval: Evaluation) -> Result<Vec<Pick>, Core
     let n = round.len();
     let k = input.k.min(n);
     let weights: Vec<f64> = (0..n).map(|c| round.weight(c)).collect();
+    // In-flight differences whitened by the round's map, like the pool.
+    let in_flight: Vec<Vec<f64>> = input
+        .in_flight
+        .iter()
+        .map(|v| {
+            let mut u = v.clone();
+            round.whitener().whiten_vec(&mut u);
+            u
+        })
+        .collect();
     let s0 = round.variances().to_vec();
     let (z, _) = round.whitened();
     let z = z.as_ref();
     let mut cond = Conditioner::new(z, k + input.in_flight.len());
 
-    // In-flight pairs first: whiten each difference and condition on it.
-    let l = input.posterior.cholesky();
-    for v in input.in_flight {
-        let mut u = v.clone();
-        solve_lower(l, &mut u);
+    // In-flight pairs first: condition on each.
+    for (v, u) in input.in_flight.iter().zip(in_flight) {
         let p = sigmoid(dot(input.posterior.theta(), v));
         let w = p * (1.0 - p);
         let qu: Vec<f64> = (0..cond.steps).map(|j| dot(cond.q_col(j), &u)).collect();

@@ -32,7 +32,7 @@ use rand::Rng;
 use crate::candidates::Pair;
 use crate::error::CoreError;
 use crate::linalg::sigmoid;
-use crate::posterior::{Posterior, Prediction};
+use crate::posterior::{Posterior, Prediction, Whitener};
 
 /// The selection rules armd implements.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -206,6 +206,7 @@ pub struct Pick {
 pub struct Round<'a> {
     pub input: SelectionInput<'a>,
     rewards: Vec<f64>,
+    whitener: Option<Whitener<'a>>,
     whitened: Option<(Mat<f64>, Vec<f64>)>,
     variances: Option<Vec<f64>>,
 }
@@ -241,6 +242,7 @@ impl<'a> Round<'a> {
         Ok(Self {
             input,
             rewards,
+            whitener: None,
             whitened: None,
             variances: None,
         })
@@ -266,10 +268,18 @@ impl<'a> Round<'a> {
         p * (1.0 - p)
     }
 
-    /// Whitened pool `Z = L⁻¹X` and its squared column norms.
+    /// The round's whitening map, built on first use. Every whitened vector of a round must come from
+    /// it: two whitening maps of the same posterior differ by a rotation.
+    pub fn whitener(&mut self) -> &Whitener<'a> {
+        let posterior = self.input.posterior;
+        self.whitener.get_or_insert_with(|| posterior.whitener())
+    }
+
+    /// Whitened pool `Z = FᵀX` (`F Fᵀ = H⁻¹`, see [`Whitener`]) and its squared column norms.
     pub fn whitened(&mut self) -> (&Mat<f64>, &[f64]) {
         if self.whitened.is_none() {
-            let z = scoring::whiten(self.input.posterior.cholesky(), self.input.embeddings);
+            let x = self.input.embeddings;
+            let z = self.whitener().whiten(x);
             let norms = scoring::column_sq_norms(z.as_ref());
             self.whitened = Some((z, norms));
         }

@@ -127,8 +127,18 @@ fn greedy_picks(p: &Problem, k: usize, eval: Evaluation) -> Vec<Pick> {
 
 #[test]
 fn greedy_gains_sum_to_log_det_increase_and_each_pick_is_the_argmax() {
-    for (seed, with_in_flight) in [(1u64, false), (2, true), (4, true)] {
-        let mut p = problem(6, 24, 10, seed);
+    // (seed, in-flight, d, labels): the last three whiten with the low-rank map (fewer than d/8 labels
+    // under the isotropic prior), the first three with the Cholesky factor.
+    for (seed, with_in_flight, d, labels) in [
+        (1u64, false, 6, 10),
+        (2, true, 6, 10),
+        (4, true, 6, 10),
+        (5, true, 32, 3),
+        (6, false, 32, 3),
+        (7, true, 8, 0),
+    ] {
+        let mut p = problem(d, 24, labels, seed);
+        assert_eq!(p.posterior.whitener().is_low_rank(), 8 * labels < d);
         if with_in_flight {
             p.in_flight = vec![diff(&p, p.pairs[3]), diff(&p, p.pairs[17])];
         }
