@@ -356,6 +356,17 @@ fn thread_delta(
     out
 }
 
+/// Selection rounds run so far and their summed wall time in seconds (zeros if `/metrics` fails).
+fn selection_rounds(base: &str) -> (f64, f64) {
+    match get(&format!("{base}/metrics")) {
+        Some((200, text)) => (
+            metric(&text, "armd_selection_rounds_total").unwrap_or(0.0),
+            metric(&text, "armd_selection_duration_seconds_sum").unwrap_or(0.0),
+        ),
+        _ => (0.0, 0.0),
+    }
+}
+
 /// armd's ingest rate: the slope of `armd_responses_accepted_total` from its first non-zero scrape to
 /// the scrape where it reaches `n` (group join and start-up excluded). Scraped every 20 ms.
 fn armd_ingest(cfg: Config, n: usize) -> Rate {
@@ -364,6 +375,7 @@ fn armd_ingest(cfg: Config, n: usize) -> Rate {
     let deadline = Instant::now() + Duration::from_secs(600);
     let mut start: Option<(Instant, f64)> = None;
     let mut times0 = ThreadTimes::new();
+    let mut rounds0 = (0.0, 0.0);
     // Each scrape renders the whole exposition on one of the daemon's tokio workers: polling every 20 ms
     // kept that worker 2–3 % busy in the d = 768 no-rounds window, paced 1–2 % (BENCHMARKS.md "Daemon").
     // Once the rate is known, the bench sleeps half the predicted remaining time (at most 500 ms), so
@@ -378,6 +390,7 @@ fn armd_ingest(cfg: Config, n: usize) -> Rate {
             if v > 0.0 && start.is_none() {
                 start = Some((now, v));
                 times0 = thread_times();
+                rounds0 = selection_rounds(&d.base);
             }
             if v >= n as f64 {
                 break now;
@@ -391,6 +404,7 @@ fn armd_ingest(cfg: Config, n: usize) -> Rate {
         std::thread::sleep(pause);
     };
     let times1 = thread_times();
+    let rounds1 = selection_rounds(&d.base);
     let (t0, c0) = start.expect("started before finishing");
     let span = end.duration_since(t0).as_secs_f64();
     d.shutdown().expect("daemon shutdown");
@@ -411,7 +425,12 @@ fn armd_ingest(cfg: Config, n: usize) -> Rate {
             )
         })
         .collect();
-    eprintln!("  armd threads busy: {}", busy.join(", "));
+    eprintln!(
+        "  armd threads busy: {}; selection rounds in the window: {} ({:.2} s)",
+        busy.join(", "),
+        rounds1.0 - rounds0.0,
+        rounds1.1 - rounds0.1
+    );
     Rate {
         msgs_per_s: (n as f64 - c0) / span,
         span_s: span,

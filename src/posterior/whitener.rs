@@ -12,9 +12,10 @@
 //!
 //! (On the range of `U = Q S Pᵀ` that is `Q diag((λ₀ + s²)^{-1/2}) Qᵀ`, elsewhere `λ₀^{-1/2}`.) Applying
 //! it costs 4 d K flops a column instead of d², but the flops are not the whole cost: whitening the
-//! default pool at d = 2048 took 70 / 131 / 286 / 502 ms with K = 0 / 64 / 256 / 511 against 414–422 ms
-//! for the triangular solve (`cargo bench --bench core -- whitening`, BENCHMARKS.md). So the low-rank
-//! form is used while `8 K < d` ([`Whitener::prefers_low_rank`]): at d = 2048 the first 255 labels. The two maps differ by a rotation (`L⁻¹ = R H^{-1/2}`, `R` orthogonal), so every
+//! default pool at d = 2048 took 74 / 140 / 160 / 301 ms with K = 0 / 64 / 128 / 255 against 378–442 ms
+//! for the triangular solve, and 502 against 422 ms at K = 511 (`cargo bench --bench core -- whitening`,
+//! BENCHMARKS.md). So the low-rank form is used while `8 K < d` ([`Whitener::prefers_low_rank`]): at
+//! d = 2048 the first 255 labels. The two maps differ by a rotation (`L⁻¹ = R H^{-1/2}`, `R` orthogonal), so every
 //! vector of one round must be whitened by the same [`Whitener`]; norms and inner products agree.
 
 use faer::linalg::matmul::matmul;
