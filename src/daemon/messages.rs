@@ -664,10 +664,10 @@ fn all_finite(x: &[f32]) -> bool {
 /// Decodes base64 of little-endian f32.
 ///
 /// The hot path of ingest: a SIMD decoder (`simdutf`, or `base64-simd` for unpadded input; both choose
-/// AVX2/SSSE3/NEON at run time) writes straight into the `f32` buffer. Whatever it refuses goes through the `base64` crate instead, which
-/// gives the precise error (symbol and offset) and defines the accepted language: padding optional, no
-/// whitespace, non-zero trailing bits refused. A differential test checks that the fast path accepts
-/// nothing the reference refuses and decodes identically.
+/// AVX2/SSSE3/NEON at run time) writes straight into the `f32` buffer. Whatever it refuses goes through
+/// the `base64` crate instead, which gives the precise error (symbol and offset) and defines the accepted
+/// language: padding optional, no whitespace, non-zero trailing bits refused. A differential test checks
+/// that the fast path accepts nothing the reference refuses and decodes identically.
 pub fn decode_f32_b64(field: &str, s: &str) -> Result<Vec<f32>, Rejection> {
     decode_f32_b64_fast(s.as_bytes()).map_or_else(|| decode_f32_b64_reference(field, s), Ok)
 }

@@ -386,11 +386,13 @@ fn dense_covariance_gram(p: &Posterior, x: &Mat<f64>) -> Vec<Vec<f64>> {
 /// equal to the ones in the factor).
 #[test]
 fn whitening_maps_give_the_posterior_covariance() {
+    // (d, labels before the refit, refit): the first four end with fewer than d/8 labels (low-rank
+    // form), the last two with more.
     for (d, labels, refit) in [
         (8, 0, false),
-        (8, 1, false),
-        (16, 2, true),
-        (33, 6, true),
+        (16, 1, false),
+        (24, 1, true),
+        (33, 3, true),
         (9, 5, false),
         (12, 6, true),
     ] {

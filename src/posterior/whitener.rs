@@ -15,8 +15,9 @@
 //! default pool at d = 2048 took 74 / 140 / 160 / 301 ms with K = 0 / 64 / 128 / 255 against 378–442 ms
 //! for the triangular solve, and 502 against 422 ms at K = 511 (`cargo bench --bench core -- whitening`,
 //! BENCHMARKS.md). So the low-rank form is used while `8 K < d` ([`Whitener::prefers_low_rank`]): at
-//! d = 2048 the first 255 labels. The two maps differ by a rotation (`L⁻¹ = R H^{-1/2}`, `R` orthogonal), so every
-//! vector of one round must be whitened by the same [`Whitener`]; norms and inner products agree.
+//! d = 2048 the first 255 labels. The two maps differ by a rotation (`L⁻¹ = R H^{-1/2}`, `R`
+//! orthogonal), so every vector of one round must be whitened by the same [`Whitener`]; norms and inner
+//! products agree.
 
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, MatRef, Par, Side};
