@@ -9,7 +9,6 @@ use faer::{Accum, Mat, MatRef, Par};
 use rayon::prelude::*;
 
 use crate::candidates::Pair;
-use crate::linalg;
 
 /// Tile edge of the pair scorer; matches `candidates::CROSS_BLOCK`.
 pub const TILE: usize = 64;
@@ -104,11 +103,10 @@ pub fn pair_sq_distances(z: MatRef<'_, f64>, norms: &[f64], pairs: &[Pair]) -> V
     out
 }
 
-/// `Z = L⁻¹ X` for a d×N pool.
+/// `Z = L⁻¹ X` for a d×N pool and any lower Cholesky factor `L` (a design matrix's as well as the
+/// posterior's): the Cholesky form of [`Whitener`](crate::posterior::Whitener).
 pub fn whiten(l: MatRef<'_, f64>, x: MatRef<'_, f64>) -> Mat<f64> {
-    let mut z = x.to_owned();
-    linalg::whiten_in_place(l, z.as_mut(), linalg::matrix_par());
-    z
+    crate::posterior::Whitener::Cholesky(l).whiten(x)
 }
 
 /// Per-response predicted reward `θᵀx_i`.
