@@ -4,13 +4,14 @@
 //!   dopt rule implemented naively (materialised candidate Fisher matrix) on the same candidates;
 //! - whitening the default pool (N = 4096): the low-rank form the posterior uses while fewer than d/4
 //!   labels are stored, against the triangular solve with the Cholesky factor it replaces;
-//! - refit with n labels.
+//! - `targeted` vs `greedy-dopt` on one daemon-sized round (d = 2048, pool 4096, 20,000 candidates, k = 64);
+//! - refit with n labels, plain and with the evidence-chosen (`auto`) prior.
 //!
 //! Run: `cargo bench --bench core` (filter with e.g. `-- update`).
 
 mod shared;
 
-use armd::posterior::{RefitOptions, Whitener};
+use armd::posterior::{EvidenceOptions, RefitOptions, Whitener};
 use armd::selection::{self, dopt, Round, SelectionParams, StrategyKind};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use faer::Mat;
@@ -157,6 +158,40 @@ fn bench_refit(c: &mut Criterion) {
         g.bench_with_input(BenchmarkId::new("n10000", d), &d, |b, _| {
             b.iter(|| black_box(post.refit_job().run(RefitOptions::default()).unwrap()))
         });
+        g.bench_with_input(BenchmarkId::new("n10000_evidence", d), &d, |b, _| {
+            b.iter(|| {
+                let job = post.refit_job();
+                black_box(
+                    job.run_evidence(RefitOptions::default(), &EvidenceOptions::default())
+                        .unwrap(),
+                )
+            })
+        });
+    }
+    g.finish();
+}
+
+/// One selection round the size of the daemon's defaults at d = 2048 (`ARMD_BENCH_D` to change):
+/// `targeted` against `greedy-dopt` on the same round, and the whitening floor they share.
+fn bench_targeted(c: &mut Criterion) {
+    let d = bench_dim();
+    let k = 64;
+    let mut g = c.benchmark_group("targeted");
+    g.sample_size(10);
+    g.measurement_time(Duration::from_secs(20));
+    let p = pool(d, 4096, 20_000, 64);
+    let params = SelectionParams::default();
+    for kind in [
+        StrategyKind::GreedyDopt,
+        StrategyKind::Targeted,
+        StrategyKind::TargetedInfo,
+    ] {
+        g.bench_function(BenchmarkId::new(kind.name(), d), |b| {
+            b.iter(|| {
+                let mut rng = StdRng::seed_from_u64(0);
+                black_box(selection::select(kind, input(&p, k), &params, &mut rng).unwrap())
+            })
+        });
     }
     g.finish();
 }
@@ -166,6 +201,7 @@ criterion_group!(
     bench_update,
     bench_selection,
     bench_whitening,
-    bench_refit
+    bench_refit,
+    bench_targeted
 );
 criterion_main!(benches);

@@ -851,6 +851,8 @@ impl SelectOnly {
             candidates: &self.pairs,
             in_flight: &[],
             k: 8,
+            targets: &[],
+            uses_left: &[],
         }
     }
 }

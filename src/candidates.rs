@@ -4,12 +4,13 @@
 //! Within-prompt pairs are all pairs among one prompt's responses. Cross-prompt pairs are sampled, because
 //! there are O(N²) of them; the paper finds them more label-efficient.
 //!
-//! Cross-prompt sampling draws random *block pairs* of the pool (blocks of [`CROSS_BLOCK`] consecutive
-//! responses) and takes every cross-prompt pair between the two blocks. Every pair is equally likely to be
-//! drawn, and the draws come in dense tiles, which lets the scorer compute their posterior variances as
-//! small matrix products instead of a million scattered dot products (see `selection::scoring`).
+//! Cross-prompt pairs are a uniform random sample of all pairs of pooled responses to different prompts, so
+//! every response can be reached in every round however few candidates are asked for. (An earlier
+//! version drew whole 64×64 blocks of the pool for the sake of the pair scorer's dense tiles: with a few
+//! thousand candidates that showed the selector one block pair, about 128 of the pool's responses, and
+//! cost label efficiency. The scorer handles scattered pairs with direct dot products instead.)
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::str::FromStr;
 
@@ -17,9 +18,6 @@ use rand::seq::SliceRandom;
 use rand::Rng;
 
 use crate::error::CoreError;
-
-/// Responses per block in cross-prompt sampling; equal to the scorer's tile so one block pair is one tile.
-pub const CROSS_BLOCK: usize = 64;
 
 /// A candidate comparison between pool responses `a` and `b` (`a < b`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -133,43 +131,57 @@ pub fn within_prompt(prompts: &[u64]) -> Vec<Pair> {
     out
 }
 
-/// Up to `max_pairs` distinct pairs of responses to different prompts, drawn as whole block pairs
-/// (see the module doc). When the pool has no more than `max_pairs` cross pairs, all are returned.
+/// Up to `max_pairs` distinct pairs of responses to different prompts, drawn uniformly at random from all
+/// such pairs of the pool (see the module doc). When the pool has no more than `max_pairs` cross pairs, all
+/// are returned.
 pub fn cross_prompt(prompts: &[u64], max_pairs: usize, rng: &mut impl Rng) -> Vec<Pair> {
     let n = prompts.len();
     if n < 2 || max_pairs == 0 {
         return Vec::new();
     }
-    let nb = n.div_ceil(CROSS_BLOCK);
-    let mut block_pairs: Vec<(usize, usize)> =
-        (0..nb).flat_map(|i| (i..nb).map(move |j| (i, j))).collect();
-    block_pairs.shuffle(rng);
-    let mut out = Vec::new();
-    for (bi, bj) in block_pairs {
-        let (ri, rj) = (block(bi, n), block(bj, n));
-        let mut tile = Vec::new();
-        for a in ri.clone() {
-            for b in rj.clone() {
-                if (bi != bj || a < b) && prompts[a] != prompts[b] {
-                    tile.push(Pair::new(a as u32, b as u32));
+    let mut sizes: HashMap<u64, usize> = HashMap::new();
+    for &p in prompts {
+        *sizes.entry(p).or_default() += 1;
+    }
+    let same: usize = sizes.values().map(|&s| s * (s - 1) / 2).sum();
+    let total = n * (n - 1) / 2 - same;
+    if total == 0 {
+        return Vec::new();
+    }
+    // Dense request (at least a third of all cross pairs): enumerate and keep a uniform subset.
+    if max_pairs.saturating_mul(3) >= total {
+        let mut all = Vec::with_capacity(total);
+        for a in 0..n {
+            for b in a + 1..n {
+                if prompts[a] != prompts[b] {
+                    all.push(Pair::new(a as u32, b as u32));
                 }
             }
         }
-        if out.len() + tile.len() > max_pairs {
-            // Last, partial tile: a uniform subset keeps the draw unbiased.
-            tile.shuffle(rng);
-            tile.truncate(max_pairs - out.len());
+        if all.len() > max_pairs {
+            all.shuffle(rng);
+            all.truncate(max_pairs);
         }
-        out.extend(tile);
-        if out.len() >= max_pairs {
-            break;
+        return all;
+    }
+    // Sparse request: rejection sampling of uniform unordered pairs. Each accepted draw is uniform over
+    // the cross pairs not yet drawn, so the set is a uniform sample without replacement; at most a third
+    // of the pairs are taken, so the expected number of draws stays below 1.5 per pair (plus the share of
+    // same-prompt draws, small when prompts are many).
+    let mut seen: HashSet<Pair> = HashSet::with_capacity(max_pairs);
+    let mut out = Vec::with_capacity(max_pairs);
+    while out.len() < max_pairs {
+        let a = rng.random_range(0..n);
+        let b = rng.random_range(0..n);
+        if a == b || prompts[a] == prompts[b] {
+            continue;
+        }
+        let p = Pair::new(a as u32, b as u32);
+        if seen.insert(p) {
+            out.push(p);
         }
     }
     out
-}
-
-fn block(i: usize, n: usize) -> std::ops::Range<usize> {
-    i * CROSS_BLOCK..((i + 1) * CROSS_BLOCK).min(n)
 }
 
 #[cfg(test)]
@@ -255,5 +267,24 @@ mod tests {
             "cross".parse::<CandidateMode>().unwrap(),
             CandidateMode::Cross
         );
+    }
+}
+
+#[cfg(test)]
+mod coverage_tests {
+    use super::*;
+    use rand::{rngs::StdRng, SeedableRng};
+    use std::collections::HashSet;
+
+    #[test]
+    fn few_cross_candidates_still_reach_the_whole_pool() {
+        // 1,000 responses, 4,500 candidates (about 1 % of the pairs): uniform pairs touch almost every
+        // response (expected 1000·(1 − e⁻⁹)); the old block sampler showed about 128 of them.
+        let prompts: Vec<u64> = (0..1000u64).map(|i| i / 10).collect();
+        let mut rng = StdRng::seed_from_u64(5);
+        let pairs = cross_prompt(&prompts, 4500, &mut rng);
+        assert_eq!(pairs.len(), 4500);
+        let touched: HashSet<u32> = pairs.iter().flat_map(|p| [p.a, p.b]).collect();
+        assert!(touched.len() > 990, "{} responses reachable", touched.len());
     }
 }

@@ -194,6 +194,9 @@ pub struct RefitReport {
     pub labels: usize,
 }
 
+/// Newton steps per α while the evidence fixed point is still moving α ([`RefitJob::run_evidence`]).
+const EVIDENCE_NEWTON_STEPS: usize = 3;
+
 /// A snapshot for an off-thread refit: the prior and the labels stored at snapshot time (shared, not copied).
 #[derive(Clone, Debug)]
 pub struct RefitJob {
@@ -208,10 +211,67 @@ pub struct RefitOutcome {
     theta: Vec<f64>,
     chol: Mat<f64>,
     weights: Vec<f64>,
+    /// The prior the mode was fitted under, when the refit chose a new one ([`RefitJob::run_evidence`]).
+    prior: Option<Prior>,
     pub report: RefitReport,
 }
 
+impl RefitOutcome {
+    /// The isotropic prior precision the refit chose, if it chose one.
+    pub fn prior_precision(&self) -> Option<f64> {
+        match self.prior.as_ref().map(|p| &p.precision) {
+            Some(PriorPrecision::Isotropic(l)) => Some(*l),
+            _ => None,
+        }
+    }
+}
+
 impl RefitJob {
+    /// [`Self::run`] with the isotropic prior precision chosen by evidence maximisation (MacKay's fixed
+    /// point, see [`evidence`]), starting from the snapshot's current λ₀ and mode. The outcome is the MAP
+    /// under the returned prior, which [`Posterior::install_refit`] installs. A dense prior (a warm start
+    /// or consolidated labels) is kept as it is: this is then a plain refit.
+    pub fn run_evidence(
+        &self,
+        opts: RefitOptions,
+        ev: &EvidenceOptions,
+    ) -> Result<RefitOutcome, CoreError> {
+        let PriorPrecision::Isotropic(mut alpha) = self.prior.precision else {
+            return self.run(opts);
+        };
+        let d = self.prior.dim();
+        let mut job = self.clone();
+        let mut iterations = 0;
+        // While α moves, a few warm-started Newton steps per α are enough (the two alternate, as in EM);
+        // the mode returned is converged at the final α.
+        let inner = RefitOptions {
+            max_iterations: opts.max_iterations.min(EVIDENCE_NEWTON_STEPS),
+            ..opts
+        };
+        for round in 1.. {
+            job.prior.precision = PriorPrecision::Isotropic(alpha);
+            let outcome = job.run(inner)?;
+            iterations += outcome.report.iterations;
+            let sq_norm: f64 = outcome
+                .theta
+                .iter()
+                .zip(&job.prior.mean)
+                .map(|(t, m)| (t - m) * (t - m))
+                .sum();
+            let tr = linalg::trace_inverse_from_cholesky(outcome.chol.as_ref());
+            let next = evidence::mackay_step(alpha, d, sq_norm, tr, ev);
+            job.start.clone_from(&outcome.theta);
+            if (next.ln() - alpha.ln()).abs() < ev.tolerance || round >= ev.max_iterations.max(1) {
+                let mut outcome = job.run(opts)?;
+                outcome.prior = Some(job.prior.clone());
+                outcome.report.iterations += iterations;
+                return Ok(outcome);
+            }
+            alpha = next;
+        }
+        unreachable!("the loop returns")
+    }
+
     /// Newton's method with backtracking on the negative log posterior
     /// `½(θ−θ₀)ᵀH₀(θ−θ₀) + Σ_k nll(θᵀv_k, y_k)`, which is strictly convex, so the MAP is unique and the
     /// result does not depend on the start or on label order.
@@ -279,6 +339,7 @@ impl RefitJob {
                     theta,
                     chol,
                     weights,
+                    prior: None,
                     report: RefitReport {
                         iterations,
                         gradient_norm: gnorm,
@@ -328,6 +389,7 @@ impl RefitJob {
                     theta,
                     chol,
                     weights,
+                    prior: None,
                     report: RefitReport {
                         iterations,
                         gradient_norm: gnorm,
@@ -574,12 +636,14 @@ impl Posterior {
         })
     }
 
-    /// `H = H₀ + Σ w_k v_k v_kᵀ (+ w v vᵀ)`, factored.
+    /// `H = H₀ + Σ w_k v_k v_kᵀ (+ w v vᵀ)` over the labels the factor holds (the first `weights.len()`
+    /// stored labels: fewer than stored while a refit's later labels are being re-applied), factored.
     fn rebuild_factor(&self, extra: Option<(&[f64], f64)>) -> Result<Mat<f64>, CoreError> {
         let d = self.dim();
         let mut h = self.prior.dense_lower();
-        let n = self.labels.len() + usize::from(extra.is_some());
-        let vt = Mat::<f64>::from_fn(d, n, |i, j| match self.labels.get(j) {
+        let held = &self.labels[..self.weights.len()];
+        let n = held.len() + usize::from(extra.is_some());
+        let vt = Mat::<f64>::from_fn(d, n, |i, j| match held.get(j) {
             Some(l) => l.v[i],
             None => extra.map(|(v, _)| v[i]).unwrap_or(0.0),
         });
@@ -613,9 +677,21 @@ impl Posterior {
                 reason: "does not belong to this posterior",
             });
         }
+        if let Some(prior) = outcome.prior {
+            if prior.dim() != self.dim() {
+                return Err(CoreError::Parameter {
+                    name: "refit outcome",
+                    value: format!("prior of dimension {}", prior.dim()),
+                    reason: "does not belong to this posterior",
+                });
+            }
+            self.prior = prior;
+        }
         self.theta = outcome.theta;
         self.chol = outcome.chol;
         let later: Vec<Arc<Label>> = self.labels[at..].to_vec();
+        // Until the later labels are re-applied, the factor holds the first `at` labels only; the weights
+        // say so, and a rebuild after a non-positive pivot reads the labels the weights cover.
         self.weights.truncate(0);
         self.weights.extend_from_slice(&outcome.weights);
         for label in &later {
@@ -632,6 +708,74 @@ impl Posterior {
         let report = outcome.report;
         self.install_refit(outcome)?;
         Ok(report)
+    }
+
+    /// Refits in place with the prior precision chosen by evidence maximisation
+    /// ([`RefitJob::run_evidence`]).
+    pub fn refit_evidence(
+        &mut self,
+        opts: RefitOptions,
+        ev: &EvidenceOptions,
+    ) -> Result<RefitReport, CoreError> {
+        let outcome = self.refit_job().run_evidence(opts, ev)?;
+        let report = outcome.report;
+        self.install_refit(outcome)?;
+        Ok(report)
+    }
+
+    /// The isotropic prior precision λ₀, or `None` for a dense prior.
+    pub fn prior_precision(&self) -> Option<f64> {
+        match self.prior.precision {
+            PriorPrecision::Isotropic(l) => Some(l),
+            PriorPrecision::Dense(_) => None,
+        }
+    }
+
+    /// Replaces the isotropic prior precision of a posterior that holds no label yet (the daemon sets the
+    /// `auto` prior's starting value once the feature scale is known).
+    pub fn reset_prior_precision(&mut self, lambda0: f64) -> Result<(), CoreError> {
+        if self.labels_applied > 0 || !matches!(self.prior.precision, PriorPrecision::Isotropic(_))
+        {
+            return Err(CoreError::Parameter {
+                name: "prior_precision",
+                value: lambda0.to_string(),
+                reason: "can only be reset on an isotropic prior before any label",
+            });
+        }
+        let prior = Prior::isotropic(self.dim(), lambda0)?;
+        *self = Self::from_prior(Prior {
+            mean: self.prior.mean.clone(),
+            ..prior
+        })?;
+        Ok(())
+    }
+
+    /// Laplace approximation of the log marginal likelihood of the stored labels under an isotropic
+    /// prior, evaluated at the current mode and factor (exact after a refit):
+    /// `Σ ln p(y|θ̂) − (λ₀/2)‖θ̂ − θ₀‖² + (d/2) ln λ₀ − ½ ln det H` (constant `−(d/2) ln 2π` cancels).
+    /// `None` for a dense prior.
+    pub fn log_evidence(&self) -> Option<f64> {
+        let lambda0 = self.prior_precision()?;
+        let fit: f64 = self
+            .labels
+            .iter()
+            .map(|l| label_nll(dot(&self.theta, &l.v), l.y))
+            .sum();
+        let sq: f64 = self
+            .theta
+            .iter()
+            .zip(&self.prior.mean)
+            .map(|(t, m)| (t - m) * (t - m))
+            .sum();
+        Some(
+            -fit - 0.5 * lambda0 * sq + 0.5 * self.dim() as f64 * lambda0.ln()
+                - 0.5 * self.log_det(),
+        )
+    }
+
+    /// `tr(H⁻¹)`, the summed posterior variance (O(d³/3)).
+    pub fn trace_inverse(&self) -> f64 {
+        linalg::trace_inverse_from_cholesky(self.chol.as_ref())
     }
 
     /// Folds every stored label into the prior: the prior becomes the current Laplace posterior and the
@@ -742,6 +886,16 @@ impl Posterior {
     }
 }
 
+/// Whether a refit is due after the `applied`-th label with cadence `every` (0: never): at every multiple
+/// of `every`, and early at 32, 64, 128, … labels below it, because the first labels' Fisher weights go
+/// stale fastest and an `auto` prior is re-chosen at each refit. The daemon and anything that replays its
+/// labels use this one rule.
+pub fn refit_due(applied: u64, every: u64) -> bool {
+    every > 0
+        && applied > 0
+        && (applied % every == 0 || (applied >= 32 && applied < every && applied.is_power_of_two()))
+}
+
 /// Solves `c = y − σ(m + c·s)` for the step length. The left side minus the right is strictly increasing in
 /// `c` and changes sign on `[y − 1, y]`, so a Newton iteration safeguarded by bisection always converges.
 pub fn solve_step(m: f64, s: f64, y: f64) -> f64 {
@@ -772,7 +926,9 @@ pub fn solve_step(m: f64, s: f64, y: f64) -> f64 {
     c
 }
 
+pub mod evidence;
 mod whitener;
+pub use evidence::{EvidenceOptions, PriorSetting};
 pub use whitener::Whitener;
 
 #[cfg(test)]

@@ -37,7 +37,7 @@ metrics_listen = "127.0.0.1:0"
     // Both runs are reported, each applied labels and has a learning curve.
     let names: Vec<&str> = report.runs.iter().map(|r| r.name.as_str()).collect();
     assert_eq!(names, ["armd", "random"]);
-    assert_eq!(report.runs[0].strategy, "greedy-dopt");
+    assert_eq!(report.runs[0].strategy, "targeted");
     assert_eq!(report.runs[1].strategy, "random");
     for r in &report.runs {
         assert!(r.labels_sent > 0, "{}: no labels sent", r.name);
@@ -46,7 +46,7 @@ metrics_listen = "127.0.0.1:0"
         assert!(r.final_spearman.is_finite());
     }
     assert!(!report.timed_out, "{}", report.summary);
-    for needle in ["armd", "greedy-dopt", "random", "Spearman"] {
+    for needle in ["armd", "targeted", "random", "Spearman"] {
         assert!(report.summary.contains(needle), "{}", report.summary);
     }
     let summary_file = std::fs::read_to_string(out.path().join("summary.txt")).unwrap();
@@ -55,10 +55,7 @@ metrics_listen = "127.0.0.1:0"
 
     // The plot and the curves exist and are non-empty.
     let svg = std::fs::read_to_string(&report.svg).unwrap();
-    assert!(
-        svg.starts_with("<svg") && svg.contains("greedy-dopt"),
-        "{svg}"
-    );
+    assert!(svg.starts_with("<svg") && svg.contains("targeted"), "{svg}");
     let csv = std::fs::read_to_string(out.path().join("curves.csv")).unwrap();
     assert!(csv.lines().count() > 2, "{csv}");
 

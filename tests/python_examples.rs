@@ -24,6 +24,7 @@ fn snapshot(scaler: &Scaler, theta: &[f64]) -> ModelSnapshot {
         bias: folded.as_ref().map(|(_, b)| *b),
         scaler_mean: needs_stats.then(|| scaler.mean().to_vec()),
         scaler_inv_std: needs_stats.then(|| scaler.inv_std().to_vec()),
+        prior_precision: Some(1536.0),
         log_det: 1.0,
         precision_diagonal: vec![1.0; theta.len()],
         prequential: PrequentialSummary {

@@ -247,20 +247,17 @@ fn bad_inputs_end_with_an_error_naming_the_file_or_key() {
 /// per label than random labelling. 12 seeds (common random numbers), d = 48, 600 responses, 10 seed labels
 /// + 8 rounds × 10 pairs, cross-prompt candidates.
 ///
-/// Measured with this exact configuration (mean final 1 − Spearman over the 12 seeds): random 0.488,
-/// past-aware-dopt 0.396, greedy-dopt 0.356 — gaps of 0.092 and 0.132 (seed-to-seed sd ≈ 0.06–0.10, so
-/// the standard error of a 12-seed mean is ≈ 0.02–0.03). The test asks for about two thirds of the
-/// measured gaps: greedy-dopt ≥ 0.08 better than random, past-aware-dopt ≥ 0.05 better.
+/// Measured with this exact configuration and the defaults (`auto` prior, each response used at most once),
+/// mean final 1 − Spearman over the 12 seeds: random 0.386, greedy-dopt 0.333, targeted 0.329 —
+/// gaps of 0.053 and 0.057 (seed-to-seed sd ≈ 0.05–0.08, so the standard error of a 12-seed mean is
+/// ≈ 0.02). The test asks for about two thirds of the measured gaps against random with the same
+/// evidence-chosen prior.
 #[test]
-fn dopt_strategies_beat_random_at_the_same_label_budget() {
+fn active_strategies_beat_random_with_the_same_auto_prior() {
     let out = tempfile::tempdir().unwrap();
     let mut c = SimulateConfig {
         out_dir: out.path().to_path_buf(),
-        strategies: vec![
-            "random".into(),
-            "past-aware-dopt".into(),
-            "greedy-dopt".into(),
-        ],
+        strategies: vec!["random".into(), "greedy-dopt".into(), "targeted".into()],
         seeds: (0..12).collect(),
         ..Default::default()
     };
@@ -280,14 +277,16 @@ fn dopt_strategies_beat_random_at_the_same_label_budget() {
         assert_eq!(r.final_labels, 90.0);
         r.final_one_minus_spearman.unwrap().mean
     };
-    let (random, past, greedy) = (last(Random), last(PastAwareDopt), last(GreedyDopt));
-    eprintln!("final 1 − Spearman: random {random:.4}, past-aware-dopt {past:.4}, greedy-dopt {greedy:.4}");
+    let (random, greedy, targeted) = (last(Random), last(GreedyDopt), last(Targeted));
+    eprintln!(
+        "final 1 − Spearman: random {random:.4}, greedy-dopt {greedy:.4}, targeted {targeted:.4}"
+    );
     assert!(
-        random - greedy >= 0.08,
+        random - greedy >= 0.035,
         "greedy-dopt {greedy} vs random {random}"
     );
     assert!(
-        random - past >= 0.05,
-        "past-aware-dopt {past} vs random {random}"
+        random - targeted >= 0.038,
+        "targeted {targeted} vs random {random}"
     );
 }

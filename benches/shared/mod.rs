@@ -29,6 +29,8 @@ pub struct Pool {
     pub posterior: Posterior,
     pub x: Mat<f64>,
     pub pairs: Vec<candidates::Pair>,
+    /// Within-prompt pairs (prompts of 10 responses), the `targeted` strategy's targets.
+    pub targets: Vec<candidates::Pair>,
 }
 
 pub fn pool(d: usize, n: usize, max_cross: usize, labels: usize) -> Pool {
@@ -42,10 +44,12 @@ pub fn pool(d: usize, n: usize, max_cross: usize, labels: usize) -> Pool {
         max_within_pairs: 0,
     };
     let pairs = candidates::generate(&prompts, &opts, &mut rng);
+    let targets = candidates::within_prompt(&prompts);
     Pool {
         posterior,
         x,
         pairs,
+        targets,
     }
 }
 
@@ -56,5 +60,7 @@ pub fn input(p: &Pool, k: usize) -> SelectionInput<'_> {
         candidates: &p.pairs,
         in_flight: &[],
         k,
+        targets: &p.targets,
+        uses_left: &[],
     }
 }

@@ -17,6 +17,7 @@ use serde::Deserialize;
 
 use crate::candidates::CandidateMode;
 use crate::features::Scaling;
+use crate::posterior::PriorSetting;
 use crate::selection::{SelectionParams, StrategyKind};
 
 /// Environment variables with this prefix override file values (`ARMD__MODEL__DIM=768`).
@@ -104,7 +105,7 @@ impl Default for RawTopics {
 #[serde(deny_unknown_fields, default)]
 struct RawModel {
     dim: usize,
-    prior_precision: f64,
+    prior_precision: PriorSetting,
     scaling: String,
     warmup_samples: u64,
     refit_every: u64,
@@ -115,7 +116,7 @@ impl Default for RawModel {
     fn default() -> Self {
         Self {
             dim: 0,
-            prior_precision: 1.0,
+            prior_precision: PriorSetting::Auto,
             scaling: "standardize".into(),
             warmup_samples: 256,
             refit_every: 500,
@@ -146,13 +147,14 @@ struct RawSelection {
     batch_bald_shortlist: usize,
     coreset_clusters: usize,
     coreset_radius: f64,
+    targeted_targets: usize,
 }
 
 impl Default for RawSelection {
     fn default() -> Self {
         let p = SelectionParams::default();
         Self {
-            strategy: "greedy-dopt".into(),
+            strategy: "targeted".into(),
             batch_size: 8,
             max_in_flight: 64,
             request_ttl_secs: 600,
@@ -171,6 +173,7 @@ impl Default for RawSelection {
             batch_bald_shortlist: p.batch_bald_shortlist,
             coreset_clusters: p.coreset_clusters,
             coreset_radius: p.coreset_radius,
+            targeted_targets: p.targeted_targets,
         }
     }
 }
@@ -309,7 +312,8 @@ pub struct Topics {
 #[derive(Clone, Debug)]
 pub struct ModelConfig {
     pub dim: usize,
-    pub prior_precision: f64,
+    /// A fixed λ₀, or `auto`: evidence maximisation at every refit.
+    pub prior_precision: PriorSetting,
     pub scaling: Scaling,
     pub warmup_samples: u64,
     /// 0 disables the periodic refit.
@@ -524,10 +528,10 @@ impl Config {
             "must be in 1..=65536 (the embedding dimension; required)",
         );
         p.check(
-            m.prior_precision.is_finite() && m.prior_precision > 0.0,
+            m.prior_precision.validate().is_ok(),
             "model.prior_precision",
             m.prior_precision,
-            "must be finite and > 0",
+            "must be \"auto\" or a finite number > 0",
         );
         let scaling = match m.scaling.parse::<Scaling>() {
             Ok(s) => Some(s),
@@ -656,6 +660,7 @@ impl Config {
             batch_bald_shortlist: s.batch_bald_shortlist,
             coreset_clusters: s.coreset_clusters,
             coreset_radius: s.coreset_radius,
+            targeted_targets: s.targeted_targets,
         };
         if let Err(e) = params.validate() {
             match &e {
@@ -880,7 +885,8 @@ mod tests {
     fn minimal_config_gets_documented_defaults() {
         let c = Config::from_toml_with_env(MIN, &[]).unwrap();
         assert_eq!(c.model.dim, 8);
-        assert_eq!(c.selection.strategy, StrategyKind::GreedyDopt);
+        assert_eq!(c.selection.strategy, StrategyKind::Targeted);
+        assert_eq!(c.model.prior_precision, PriorSetting::Auto);
         assert_eq!(c.selection.batch_size, 8);
         assert_eq!(c.kafka.topics.labels, "armd.labels");
         assert_eq!(c.log.format, LogFormat::Text);

@@ -51,7 +51,9 @@ use super::telemetry::Metrics;
 use crate::candidates::{self, CandidateOptions};
 use crate::error::CoreError;
 use crate::features::Scaler;
-use crate::posterior::{Posterior, PosteriorParts, RefitOptions, RefitOutcome};
+use crate::posterior::{
+    EvidenceOptions, Posterior, PosteriorParts, PriorSetting, RefitOptions, RefitOutcome,
+};
 use crate::selection::{self, SelectionInput};
 
 /// Something the engine wants published.
@@ -169,7 +171,8 @@ impl Engine {
     pub fn new(cfg: Arc<Config>, m: Arc<Metrics>, checkpoint: Option<Checkpoint>) -> Result<Self> {
         let d = cfg.model.dim;
         let mut engine = Engine {
-            posterior: Posterior::new(d, cfg.model.prior_precision)?,
+            // `auto` starts at 1 and is set from the data's scale when the scaler freezes.
+            posterior: Posterior::new(d, cfg.model.prior_precision.initial(f64::NAN))?,
             scaler: Scaler::new(cfg.model.scaling, d)?,
             pool: Pool::new(
                 cfg.pool.capacity,
@@ -372,9 +375,52 @@ impl Engine {
             "feature scaler frozen; selection can start"
         );
         self.m.scaler_frozen.set(1.0);
+        if self.cfg.model.prior_precision.is_auto() && self.posterior.labels_applied() == 0 {
+            let start = self
+                .cfg
+                .model
+                .prior_precision
+                .initial(self.pool_sq_spread());
+            match self.posterior.reset_prior_precision(start) {
+                Ok(()) => tracing::info!(
+                    prior_precision = start,
+                    "auto prior starts from the data's scale"
+                ),
+                Err(e) => tracing::warn!(error = %e, "cannot set the auto prior's starting value"),
+            }
+        }
         // The scaler is part of the model: persist it before any request depends on it.
         self.dirty = true;
         self.checkpoint_now = true;
+    }
+
+    /// `2·mean ‖x − x̄‖²` over the pooled responses after scaling: the mean squared norm of a random
+    /// difference vector, the `auto` prior's starting value (NaN for an empty pool).
+    fn pool_sq_spread(&self) -> f64 {
+        let d = self.cfg.model.dim;
+        let mut rows = Vec::with_capacity(self.pool.len());
+        let mut buf = vec![0.0; d];
+        for (_, e) in self.pool.iter() {
+            if self.scaler.transform(&e.raw, &mut buf).is_ok() {
+                rows.push(buf.clone());
+            }
+        }
+        let n = rows.len() as f64;
+        let mut mean = vec![0.0; d];
+        for r in &rows {
+            mean.iter_mut().zip(r).for_each(|(m, x)| *m += x / n);
+        }
+        let spread: f64 = rows
+            .iter()
+            .map(|r| {
+                r.iter()
+                    .zip(&mean)
+                    .map(|(x, m)| (x - m) * (x - m))
+                    .sum::<f64>()
+            })
+            .sum::<f64>()
+            / n;
+        2.0 * spread
     }
 
     fn count_evictions(&self, ev: Evicted) {
@@ -475,12 +521,20 @@ impl Engine {
             .filter(|f| !f.lapsed)
             .map(|f| f.v.clone())
             .collect();
+        let targets = candidates::within_prompt(&prompts);
+        let max_uses = self.cfg.pool.max_uses;
+        let uses_left: Vec<u32> = slots
+            .iter()
+            .map(|(_, e)| max_uses.saturating_sub(e.uses))
+            .collect();
         let input = SelectionInput {
             posterior: &self.posterior,
             embeddings: x.as_ref(),
             candidates: &pairs,
             in_flight: &in_flight,
             k,
+            targets: &targets,
+            uses_left: &uses_left,
         };
         let picks = selection::select(s.strategy, input, &s.params, &mut self.rng)?;
         let slot_ids: Vec<u64> = slots.iter().map(|(s, _)| *s).collect();
@@ -493,13 +547,19 @@ impl Engine {
                 slot_ids[pick.pair.a as usize],
                 slot_ids[pick.pair.b as usize],
             );
-            // A response may already be used up by an earlier pick of this batch.
-            let max_uses = self.cfg.pool.max_uses;
+            // Selection honours the use limit (`uses_left`), so the greedy conditioned only on picks that
+            // are issued here; this check only guards that contract.
             let usable = |slot: u64, pool: &Pool, used: &HashMap<u64, u32>| {
                 pool.get(slot)
                     .is_some_and(|e| e.uses + used.get(&slot).copied().unwrap_or(0) < max_uses)
             };
             if !usable(sa, &self.pool, &used) || !usable(sb, &self.pool, &used) {
+                tracing::error!(
+                    sa,
+                    sb,
+                    "selection returned a pick over the use limit; skipped"
+                );
+                debug_assert!(false, "selection ignored uses_left");
                 continue;
             }
             *used.entry(sa).or_default() += 1;
@@ -856,8 +916,8 @@ impl Engine {
                 "label store folded into the prior"
             );
         }
-        let every = self.cfg.model.refit_every;
-        if every > 0 && self.posterior.labels_applied() % every == 0 {
+        if crate::posterior::refit_due(self.posterior.labels_applied(), self.cfg.model.refit_every)
+        {
             self.finish_refit(true);
             if self.posterior.label_count() > 0 {
                 let at = self.posterior.label_count();
@@ -869,10 +929,16 @@ impl Engine {
 
     fn spawn_refit(&mut self, job: crate::posterior::RefitJob, at: usize) {
         let (tx, rx) = mpsc::channel();
+        let prior = self.cfg.model.prior_precision;
         let spawned = std::thread::Builder::new()
             .name("armd-refit".into())
             .spawn(move || {
-                let _ = tx.send(job.run(RefitOptions::default()));
+                let _ = tx.send(match prior {
+                    PriorSetting::Auto => {
+                        job.run_evidence(RefitOptions::default(), &EvidenceOptions::default())
+                    }
+                    PriorSetting::Fixed(_) => job.run(RefitOptions::default()),
+                });
             });
         match spawned {
             Ok(_) => {
@@ -1042,6 +1108,7 @@ impl Engine {
             bias,
             scaler_mean: mean,
             scaler_inv_std: inv_std,
+            prior_precision: p.prior_precision(),
             log_det: p.log_det(),
             precision_diagonal,
             prequential: PrequentialSummary {
@@ -1077,6 +1144,9 @@ impl Engine {
             .requests_in_flight
             .set(self.active_in_flight() as f64);
         self.m.log_det.set(p.log_det());
+        if let Some(l) = p.prior_precision() {
+            self.m.prior_precision.set(l);
+        }
         self.m.model_version.set(p.version() as f64);
         self.m.model_labels_applied.set(p.labels_applied() as f64);
         self.m.model_labels_stored.set(p.label_count() as f64);

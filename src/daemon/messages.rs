@@ -957,6 +957,10 @@ pub struct ModelSnapshot {
     pub scaler_mean: Option<Vec<f64>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scaler_inv_std: Option<Vec<f64>>,
+    /// Isotropic prior precision λ₀ in force (chosen by the evidence when `model.prior_precision = "auto"`);
+    /// absent for a dense prior (a warm start, or labels folded into the prior).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prior_precision: Option<f64>,
     /// `log det H` of the posterior precision.
     pub log_det: f64,
     /// Diagonal of the precision `H` (in the scaled space).

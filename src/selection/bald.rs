@@ -185,7 +185,7 @@ pub fn bald_scores(round: &mut Round<'_>, params: &SelectionParams) -> Vec<f64> 
 /// `bald`: top-k candidates by BALD score.
 pub fn bald(round: &mut Round<'_>, params: &SelectionParams) -> Vec<Pick> {
     let scores = bald_scores(round, params);
-    round.picks(top_k(&scores, round.input.k))
+    round.picks(top_k(&scores, round.ranking_len()))
 }
 
 /// Binary entropy (nats) of probability `p`.
@@ -469,6 +469,7 @@ pub fn greedy_joint_mi(
     k: usize,
     state: &mut JointMi,
     rng: &mut impl Rng,
+    mut admit: impl FnMut(usize, bool) -> bool,
 ) -> Vec<(usize, f64)> {
     let cond: Vec<f64> = probs
         .par_iter()
@@ -484,8 +485,12 @@ pub fn greedy_joint_mi(
     let mut chosen = Vec::with_capacity(k.min(probs.len()));
     while chosen.len() < k {
         let Some(top) = heap.pop() else { break };
+        if !admit(top.slot, false) {
+            continue;
+        }
         let step = chosen.len();
         if top.step == step {
+            admit(top.slot, true);
             let gain = state.add(&probs[top.slot], rng);
             chosen.push((top.slot, gain.max(0.0)));
             continue;
@@ -521,7 +526,15 @@ pub fn batch_bald(
         MAX_EXACT_CONFIGURATIONS,
         SAMPLED_CONFIGURATIONS,
     );
-    let chosen = greedy_joint_mi(&probs, k, &mut state, rng);
+    // The use limit: `admit(slot, false)` asks, `admit(slot, true)` takes.
+    let mut budget = round.budget();
+    let pairs = round.input.candidates;
+    let admit = |slot: usize, take: bool| match &mut budget {
+        None => true,
+        Some(b) if take => b.take(pairs[shortlist[slot]]),
+        Some(b) => b.allows(pairs[shortlist[slot]]),
+    };
+    let chosen = greedy_joint_mi(&probs, k, &mut state, rng, admit);
     Ok(round.picks(chosen.into_iter().map(|(slot, g)| (shortlist[slot], g))))
 }
 

@@ -26,7 +26,7 @@ pub fn logit_entropy(m: f64) -> f64 {
 /// `random`: `min(k, N)` distinct candidates drawn uniformly without replacement with `rng`.
 pub fn random(round: &mut Round<'_>, rng: &mut impl Rng) -> Vec<Pick> {
     let n = round.len();
-    let k = round.input.k.min(n);
+    let k = round.ranking_len().min(n);
     let drawn = rand::seq::index::sample(rng, n, k);
     round.picks(drawn.into_iter().map(|c| (c, 0.0)))
 }
@@ -34,7 +34,7 @@ pub fn random(round: &mut Round<'_>, rng: &mut impl Rng) -> Vec<Pick> {
 /// `entropy`: the `k` candidates with the smallest `|m|` (largest predictive entropy).
 pub fn entropy(round: &mut Round<'_>) -> Vec<Pick> {
     let key: Vec<f64> = (0..round.len()).map(|c| -round.margin(c).abs()).collect();
-    let chosen: Vec<(usize, f64)> = top_k(&key, round.input.k)
+    let chosen: Vec<(usize, f64)> = top_k(&key, round.ranking_len())
         .into_iter()
         .map(|(c, _)| (c, logit_entropy(round.margin(c))))
         .collect();
@@ -44,7 +44,7 @@ pub fn entropy(round: &mut Round<'_>) -> Vec<Pick> {
 /// `max-diff`: the `k` candidates with the largest `|m|`.
 pub fn max_diff(round: &mut Round<'_>) -> Vec<Pick> {
     let key: Vec<f64> = (0..round.len()).map(|c| round.margin(c).abs()).collect();
-    round.picks(top_k(&key, round.input.k))
+    round.picks(top_k(&key, round.ranking_len()))
 }
 
 #[cfg(test)]

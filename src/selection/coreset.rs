@@ -320,7 +320,7 @@ pub fn coreset(
         k,
         params.coreset_radius,
     )?;
-    let chosen = sample_proportional(&sens, input.k, rng);
+    let chosen = sample_proportional(&sens, round.ranking_len(), rng);
     Ok(round.picks(chosen.into_iter().map(|c| (c, sens[c]))))
 }
 

@@ -131,7 +131,7 @@ pub fn xtx(round: &mut Round<'_>, params: &SelectionParams) -> Result<Vec<Pick>,
         None,
         params.epsilon,
     )?;
-    Ok(round.picks(top_k(&scores, input.k)))
+    Ok(round.picks(top_k(&scores, round.ranking_len())))
 }
 
 /// `dopt` (`past_aware = false`) and `past-aware-dopt` (`true`): top-k of `w·vᵀM⁻¹v`.
@@ -163,7 +163,7 @@ pub fn dopt(
         params.epsilon,
     )?;
     let scores: Vec<f64> = s.iter().zip(&w).map(|(s, w)| s * w).collect();
-    Ok(round.picks(top_k(&scores, input.k)))
+    Ok(round.picks(top_k(&scores, round.ranking_len())))
 }
 
 /// Lazy (max-heap of stale upper bounds) or eager (rescan every step) greedy; both pick the same pairs.
@@ -318,16 +318,8 @@ pub fn greedy(round: &mut Round<'_>, eval: Evaluation) -> Result<Vec<Pick>, Core
     let n = round.len();
     let k = input.k.min(n);
     let weights: Vec<f64> = (0..n).map(|c| round.weight(c)).collect();
-    // In-flight differences whitened by the round's map, like the pool.
-    let in_flight: Vec<Vec<f64>> = input
-        .in_flight
-        .iter()
-        .map(|v| {
-            let mut u = v.clone();
-            round.whitener().whiten_vec(&mut u);
-            u
-        })
-        .collect();
+    let in_flight = round.whitened_in_flight();
+    let mut budget = round.budget();
     let s0 = round.variances().to_vec();
     let (z, _) = round.whitened();
     let z = z.as_ref();
@@ -359,9 +351,16 @@ pub fn greedy(round: &mut Round<'_>, eval: Evaluation) -> Result<Vec<Pick>, Core
             let mut endpoints = Vec::with_capacity(2 * LAZY_BATCH);
             while chosen.len() < k {
                 let Some(top) = heap.pop() else { break };
+                let p = input.candidates[top.candidate];
+                if !super::allowed(&budget, p) {
+                    // A response of this pair is used up: the pair can never be picked this round.
+                    continue;
+                }
                 let steps = cond.steps;
                 if top.step == steps {
-                    let p = input.candidates[top.candidate];
+                    if let Some(b) = &mut budget {
+                        b.take(p);
+                    }
                     pick(
                         &mut cond,
                         p.a as usize,
@@ -402,6 +401,9 @@ pub fn greedy(round: &mut Round<'_>, eval: Evaluation) -> Result<Vec<Pick>, Core
                 let mut best: Option<(usize, f64, f64)> = None;
                 for c in (0..n).filter(|&c| !taken[c]) {
                     let p = input.candidates[c];
+                    if !super::allowed(&budget, p) {
+                        continue;
+                    }
                     let s = cond.variance(p.a as usize, p.b as usize, s0[c], 0);
                     let g = (weights[c] * s).ln_1p();
                     if best.is_none_or(|(_, bg, _)| g > bg) {
@@ -410,6 +412,9 @@ pub fn greedy(round: &mut Round<'_>, eval: Evaluation) -> Result<Vec<Pick>, Core
                 }
                 let Some((c, g, s)) = best else { break };
                 let p = input.candidates[c];
+                if let Some(b) = &mut budget {
+                    b.take(p);
+                }
                 pick(&mut cond, p.a as usize, p.b as usize, weights[c], s);
                 taken[c] = true;
                 chosen.push((c, g));
@@ -460,7 +465,7 @@ pub fn dopt_naive(round: &mut Round<'_>, params: &SelectionParams) -> Result<Vec
     let scores: Vec<f64> = (0..n)
         .map(|c| w[c] * (0..d).map(|i| u[(i, c)] * u[(i, c)]).sum::<f64>())
         .collect();
-    Ok(round.picks(top_k(&scores, input.k)))
+    Ok(round.picks(top_k(&scores, round.ranking_len())))
 }
 
 #[cfg(test)]

@@ -16,12 +16,15 @@
 //! | `dopt` | top-k of `w·vᵀM⁻¹v`, `M = Σ_pool w vvᵀ + εI` (the paper) |
 //! | `past-aware-dopt` | same with `M = H + Σ_pool w vvᵀ + εI` (the paper) |
 //! | `greedy-dopt` | exact greedy maximiser of `log det(H + Σ_in-flight + Σ_batch)` with lazy evaluation |
+//! | `targeted` | greedy reduction of the posterior variance of within-prompt reward gaps ([`targeted`]) |
+//! | `targeted-info` | same, information form (mean nats per target gap) |
 
 pub mod bald;
 pub mod baselines;
 pub mod coreset;
 pub mod dopt;
 pub mod scoring;
+pub mod targeted;
 
 use std::fmt;
 use std::str::FromStr;
@@ -47,14 +50,17 @@ pub enum StrategyKind {
     Dopt,
     PastAwareDopt,
     GreedyDopt,
+    Targeted,
+    TargetedInfo,
 }
 
 /// Names accepted in configuration, in documentation order.
 pub const STRATEGY_NAMES: &str =
-    "random, entropy, max-diff, xtx, coreset, bald, batch-bald, dopt, past-aware-dopt, greedy-dopt";
+    "random, entropy, max-diff, xtx, coreset, bald, batch-bald, dopt, \
+    past-aware-dopt, greedy-dopt, targeted, targeted-info";
 
 impl StrategyKind {
-    pub const ALL: [StrategyKind; 10] = [
+    pub const ALL: [StrategyKind; 12] = [
         Self::Random,
         Self::Entropy,
         Self::MaxDiff,
@@ -65,6 +71,8 @@ impl StrategyKind {
         Self::Dopt,
         Self::PastAwareDopt,
         Self::GreedyDopt,
+        Self::Targeted,
+        Self::TargetedInfo,
     ];
 
     pub fn name(self) -> &'static str {
@@ -79,6 +87,8 @@ impl StrategyKind {
             Self::Dopt => "dopt",
             Self::PastAwareDopt => "past-aware-dopt",
             Self::GreedyDopt => "greedy-dopt",
+            Self::Targeted => "targeted",
+            Self::TargetedInfo => "targeted-info",
         }
     }
 }
@@ -118,6 +128,9 @@ pub struct SelectionParams {
     pub coreset_clusters: usize,
     /// Radius `R` in the Huggins et al. sensitivity bound.
     pub coreset_radius: f64,
+    /// `targeted` estimates its target matrix from at most this many within-prompt pairs of the pool
+    /// (a uniform sample); a candidate costs O(this) to score.
+    pub targeted_targets: usize,
 }
 
 impl Default for SelectionParams {
@@ -129,6 +142,7 @@ impl Default for SelectionParams {
             batch_bald_shortlist: 1000,
             coreset_clusters: 16,
             coreset_radius: 1.0,
+            targeted_targets: 256,
         }
     }
 }
@@ -166,6 +180,9 @@ impl SelectionParams {
         if self.coreset_clusters == 0 {
             return bad("coreset_clusters", "0".into(), "must be > 0");
         }
+        if self.targeted_targets == 0 {
+            return bad("targeted_targets", "0".into(), "must be > 0");
+        }
         if !(self.coreset_radius.is_finite() && self.coreset_radius >= 0.0) {
             return bad(
                 "coreset_radius",
@@ -184,10 +201,19 @@ pub struct SelectionInput<'a> {
     /// Scaled embeddings of the pool, d×N, one response per column.
     pub embeddings: MatRef<'a, f64>,
     pub candidates: &'a [Pair],
-    /// Difference vectors of requests sent but not yet answered; `greedy-dopt` treats them as picked.
+    /// Difference vectors of requests sent but not yet answered; `greedy-dopt` and `targeted` treat them
+    /// as picked.
     pub in_flight: &'a [Vec<f64>],
     /// How many pairs to pick (fewer when there are fewer candidates).
     pub k: usize,
+    /// The comparisons the model is meant to get right: within-prompt pairs of the pool
+    /// ([`crate::candidates::within_prompt`]). `targeted` reduces the posterior variance of their reward
+    /// gaps; empty means "the candidates themselves". The other strategies ignore it.
+    pub targets: &'a [Pair],
+    /// How many more times each pool response may be used (`pool.max_uses` minus its uses so far), or
+    /// empty for no limit. Every strategy honours it: a pick that would overuse a response is never made,
+    /// and greedy strategies condition only on picks they make.
+    pub uses_left: &'a [u32],
 }
 
 /// One chosen pair.
@@ -205,6 +231,8 @@ pub struct Pick {
 /// Lazily computed per-round quantities shared by the strategies.
 pub struct Round<'a> {
     pub input: SelectionInput<'a>,
+    /// Remaining uses per response, consumed by [`Round::picks`]; `None` without a limit.
+    budget: Option<UseBudget>,
     rewards: Vec<f64>,
     whitener: Option<Whitener<'a>>,
     whitened: Option<(Mat<f64>, Vec<f64>)>,
@@ -223,15 +251,22 @@ impl<'a> Round<'a> {
             });
         }
         let n = input.embeddings.ncols();
-        for p in input.candidates {
-            let worst = p.a.max(p.b) as usize;
-            if worst >= n {
-                return Err(CoreError::Index {
-                    what: "candidate pair",
-                    index: worst,
-                    len: n,
-                });
+        for (what, pairs) in [
+            ("candidate pair", input.candidates),
+            ("target pair", input.targets),
+        ] {
+            if let Some(worst) = pairs.iter().map(|p| p.a.max(p.b) as usize).max() {
+                if worst >= n {
+                    return Err(CoreError::Index {
+                        what,
+                        index: worst,
+                        len: n,
+                    });
+                }
             }
+        }
+        if !input.uses_left.is_empty() {
+            crate::error::check_dim("remaining uses per response", n, input.uses_left.len())?;
         }
         for v in input.in_flight {
             crate::error::check_dim("in-flight difference vector", d, v.len())?;
@@ -239,8 +274,10 @@ impl<'a> Round<'a> {
         }
         let rewards = scoring::rewards(input.posterior.theta(), input.embeddings);
         crate::error::check_finite("pool embeddings (θᵀx)", &rewards)?;
+        let budget = UseBudget::new(input.uses_left);
         Ok(Self {
             input,
+            budget,
             rewards,
             whitener: None,
             whitened: None,
@@ -250,6 +287,22 @@ impl<'a> Round<'a> {
 
     pub fn len(&self) -> usize {
         self.input.candidates.len()
+    }
+
+    /// How many of a strategy's best-ranked candidates to hand to [`Self::picks`]: `k` without a use limit,
+    /// every candidate with one (some of the best may be refused).
+    pub fn ranking_len(&self) -> usize {
+        if self.budget.is_some() {
+            self.len()
+        } else {
+            self.input.k
+        }
+    }
+
+    /// A fresh copy of the round's use limit, for greedy strategies that must know during the greedy
+    /// which picks will be refused (they then condition only on picks that are made).
+    pub fn budget(&self) -> Option<UseBudget> {
+        self.budget.clone()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -326,6 +379,20 @@ impl<'a> Round<'a> {
         }
     }
 
+    /// The in-flight difference vectors whitened by the round's map, like the pool.
+    pub fn whitened_in_flight(&mut self) -> Vec<Vec<f64>> {
+        let in_flight = self.input.in_flight;
+        let whitener = self.whitener();
+        in_flight
+            .iter()
+            .map(|v| {
+                let mut u = v.clone();
+                whitener.whiten_vec(&mut u);
+                u
+            })
+            .collect()
+    }
+
     /// Difference vector of candidate `c`.
     pub fn difference(&self, c: usize) -> Vec<f64> {
         let p = self.input.candidates[c];
@@ -335,18 +402,65 @@ impl<'a> Round<'a> {
             .collect()
     }
 
-    /// Turns (candidate, score) pairs into picks.
+    /// Turns (candidate, score) pairs, best first, into at most `k` picks, skipping any that would use a
+    /// response more often than the use limit allows.
     pub fn picks(&mut self, chosen: impl IntoIterator<Item = (usize, f64)>) -> Vec<Pick> {
-        chosen
-            .into_iter()
-            .map(|(c, score)| Pick {
+        let k = self.input.k;
+        let mut out = Vec::with_capacity(k.min(self.len()));
+        for (c, score) in chosen {
+            if out.len() == k {
+                break;
+            }
+            let pair = self.input.candidates[c];
+            if let Some(b) = &mut self.budget {
+                if !b.take(pair) {
+                    continue;
+                }
+            }
+            out.push(Pick {
                 candidate: c,
-                pair: self.input.candidates[c],
+                pair,
                 score,
                 prediction: self.prediction(c),
-            })
-            .collect()
+            });
+        }
+        out
     }
+}
+
+/// Remaining uses of each pool response within a round.
+#[derive(Clone, Debug)]
+pub struct UseBudget {
+    left: Vec<u32>,
+}
+
+impl UseBudget {
+    /// `None` when `uses_left` is empty (no limit).
+    pub fn new(uses_left: &[u32]) -> Option<Self> {
+        (!uses_left.is_empty()).then(|| Self {
+            left: uses_left.to_vec(),
+        })
+    }
+
+    /// Whether both responses of `pair` can still be used.
+    pub fn allows(&self, pair: Pair) -> bool {
+        self.left[pair.a as usize] > 0 && self.left[pair.b as usize] > 0 && pair.a != pair.b
+    }
+
+    /// Uses both responses of `pair` if [`Self::allows`] it.
+    pub fn take(&mut self, pair: Pair) -> bool {
+        if !self.allows(pair) {
+            return false;
+        }
+        self.left[pair.a as usize] -= 1;
+        self.left[pair.b as usize] -= 1;
+        true
+    }
+}
+
+/// [`UseBudget::allows`] for an optional budget (no budget allows everything).
+pub fn allowed(budget: &Option<UseBudget>, pair: Pair) -> bool {
+    budget.as_ref().is_none_or(|b| b.allows(pair))
 }
 
 /// Indices of the `k` largest scores, best first; ties go to the lower index so results are reproducible.
@@ -388,6 +502,12 @@ pub fn select(
         StrategyKind::Dopt => dopt::dopt(&mut round, params, false),
         StrategyKind::PastAwareDopt => dopt::dopt(&mut round, params, true),
         StrategyKind::GreedyDopt => dopt::greedy(&mut round, dopt::Evaluation::Lazy),
+        StrategyKind::Targeted => {
+            targeted::targeted(&mut round, params, targeted::TargetScore::Variance, rng)
+        }
+        StrategyKind::TargetedInfo => {
+            targeted::targeted(&mut round, params, targeted::TargetScore::Information, rng)
+        }
     }
 }
 
@@ -403,6 +523,9 @@ pub(crate) mod testutil {
         pub x: Mat<f64>,
         pub pairs: Vec<Pair>,
         pub in_flight: Vec<Vec<f64>>,
+        /// Within-prompt pairs (prompts of 4 responses).
+        pub targets: Vec<Pair>,
+        pub uses_left: Vec<u32>,
     }
 
     impl Problem {
@@ -413,6 +536,8 @@ pub(crate) mod testutil {
                 candidates: &self.pairs,
                 in_flight: &self.in_flight,
                 k,
+                targets: &self.targets,
+                uses_left: &self.uses_left,
             }
         }
     }
@@ -422,7 +547,8 @@ pub(crate) mod testutil {
         let mut rng = StdRng::seed_from_u64(seed);
         let x = Mat::<f64>::from_fn(d, n, |_, _| rng.random_range(-1.0..1.0));
         let prompts: Vec<u64> = (0..n as u64).map(|i| i / 4).collect();
-        let mut pairs = within_prompt(&prompts);
+        let targets = within_prompt(&prompts);
+        let mut pairs = targets.clone();
         pairs.extend(cross_prompt(&prompts, 3 * n, &mut rng));
         pairs.sort_unstable();
         pairs.dedup();
@@ -442,6 +568,8 @@ pub(crate) mod testutil {
             x,
             pairs,
             in_flight: Vec::new(),
+            targets,
+            uses_left: Vec::new(),
         }
     }
 }

@@ -10,7 +10,7 @@ use rayon::prelude::*;
 
 use crate::candidates::Pair;
 
-/// Tile edge of the pair scorer; matches `candidates::CROSS_BLOCK`.
+/// Tile edge of the pair scorer.
 pub const TILE: usize = 64;
 
 /// Below this many pairs in a tile, direct dot products beat a tile-sized matrix product.

@@ -14,6 +14,7 @@ use serde::{Deserialize, Deserializer};
 
 use crate::candidates::{CandidateMode, CandidateOptions};
 use crate::features::Scaling;
+use crate::posterior::PriorSetting;
 use crate::selection::{SelectionParams, StrategyKind};
 
 /// A configuration value that is out of range, of the wrong kind, or unknown. `key` is the dotted TOML
@@ -55,7 +56,7 @@ pub struct SimulateConfig {
 impl Default for SimulateConfig {
     fn default() -> Self {
         Self {
-            strategies: ["random", "dopt", "past-aware-dopt", "greedy-dopt"]
+            strategies: ["random", "greedy-dopt", "targeted"]
                 .map(String::from)
                 .to_vec(),
             seeds: vec![0, 1, 2],
@@ -142,8 +143,9 @@ pub struct ProtocolConfig {
     pub test_fraction: f64,
     /// Feature scaling: `none`, `l2`, `standardize`, `standardize+l2`; statistics from train responses.
     pub scaling: String,
-    /// Prior precision λ₀ of `θ ~ N(0, λ₀⁻¹ I)`, on the scaled features.
-    pub prior_precision: f64,
+    /// Prior precision λ₀ of `θ ~ N(0, λ₀⁻¹ I)`, on the scaled features: a number, or `"auto"` for
+    /// evidence maximisation at every refit (once per round when `refit_every` is 0).
+    pub prior_precision: PriorSetting,
     /// Uniformly random labels before the first round (identical for every strategy).
     pub seed_labels: usize,
     /// Selection rounds after the seed labels.
@@ -163,6 +165,9 @@ pub struct ProtocolConfig {
     pub beta: f64,
     /// Exact MAP refit every this many labels (0: never; the online update only).
     pub refit_every: usize,
+    /// How often one response may be compared, over the whole run (the daemon's `pool.max_uses`: a used
+    /// response leaves its pool); 0 means no limit.
+    pub max_uses: u32,
     /// N of the Best-of-N metric; an N is reported when at least half of the prompts have N responses.
     pub best_of_n: Vec<usize>,
 }
@@ -172,7 +177,7 @@ impl Default for ProtocolConfig {
         Self {
             test_fraction: 0.2,
             scaling: "standardize".into(),
-            prior_precision: 1.0,
+            prior_precision: PriorSetting::Auto,
             seed_labels: 20,
             rounds: 10,
             prompts_per_round: 100,
@@ -182,6 +187,7 @@ impl Default for ProtocolConfig {
             max_within_pairs: 20_000,
             beta: 1.0,
             refit_every: 0,
+            max_uses: 1,
             best_of_n: crate::evaluation::BEST_OF_N.to_vec(),
         }
     }
@@ -197,6 +203,7 @@ pub struct SelectionConfig {
     pub batch_bald_shortlist: usize,
     pub coreset_clusters: usize,
     pub coreset_radius: f64,
+    pub targeted_targets: usize,
 }
 
 impl Default for SelectionConfig {
@@ -209,6 +216,7 @@ impl Default for SelectionConfig {
             batch_bald_shortlist: p.batch_bald_shortlist,
             coreset_clusters: p.coreset_clusters,
             coreset_radius: p.coreset_radius,
+            targeted_targets: p.targeted_targets,
         }
     }
 }
@@ -222,6 +230,7 @@ impl SelectionConfig {
             batch_bald_shortlist: self.batch_bald_shortlist,
             coreset_clusters: self.coreset_clusters,
             coreset_radius: self.coreset_radius,
+            targeted_targets: self.targeted_targets,
         }
     }
 }
@@ -390,12 +399,9 @@ impl SimulateConfig {
             .scaling
             .parse()
             .map_err(|e| ConfigError::new("protocol.scaling", e))?;
-        if !(p.prior_precision.is_finite() && p.prior_precision > 0.0) {
-            return Err(ConfigError::new(
-                "protocol.prior_precision",
-                format!("{} must be finite and > 0", p.prior_precision),
-            ));
-        }
+        p.prior_precision
+            .validate()
+            .map_err(|e| ConfigError::new("protocol.prior_precision", e))?;
         if p.prompts_per_round == 0 {
             return Err(ConfigError::new(
                 "protocol.prompts_per_round",

@@ -247,9 +247,9 @@ pub struct SimulateArgs {
     /// Annotator rationality β; `inf` for noiseless labels (`protocol.beta`).
     #[arg(long)]
     pub beta: Option<String>,
-    /// Prior precision λ₀ (`protocol.prior_precision`).
+    /// Prior precision λ₀, a number or `auto` (`protocol.prior_precision`).
     #[arg(long)]
-    pub prior_precision: Option<f64>,
+    pub prior_precision: Option<String>,
     /// Refit the MAP every N labels, 0 = never (`protocol.refit_every`).
     #[arg(long)]
     pub refit_every: Option<usize>,
@@ -353,12 +353,12 @@ impl SimulateArgs {
         if let Some(x) = &self.beta {
             set_key(&mut table, "protocol.beta", toml::Value::String(x.clone()))?;
         }
-        if let Some(x) = self.prior_precision {
-            set_key(
-                &mut table,
-                "protocol.prior_precision",
-                toml::Value::Float(x),
-            )?;
+        if let Some(x) = &self.prior_precision {
+            let value = match x.trim().parse::<f64>() {
+                Ok(v) => toml::Value::Float(v),
+                Err(_) => toml::Value::String(x.clone()),
+            };
+            set_key(&mut table, "protocol.prior_precision", value)?;
         }
         if let Some(x) = &self.dataset {
             if x == "synthetic" {

@@ -24,8 +24,8 @@ use crate::candidates::{self, Pair};
 use crate::evaluation;
 use crate::features::Scaler;
 use crate::linalg::sigmoid;
-use crate::posterior::{Posterior, RefitOptions};
-use crate::selection::{self, scoring, SelectionInput, StrategyKind};
+use crate::posterior::{EvidenceOptions, Posterior, RefitOptions};
+use crate::selection::{self, scoring, SelectionInput, StrategyKind, UseBudget};
 
 /// Independent random streams derived from the seed (tags keep them apart).
 const STREAM_SPLIT: u64 = 1;
@@ -95,6 +95,9 @@ pub struct Prepared<'d> {
     test_golden: Vec<f64>,
     test_prompt: Vec<u64>,
     best_of_n: Vec<usize>,
+    /// `2·mean ‖x − x̄‖²` over scaled train responses: the mean squared norm of a random difference
+    /// vector, the `auto` prior's starting value.
+    mean_sq_difference: f64,
     pub prepare_time: Duration,
 }
 
@@ -129,6 +132,27 @@ impl<'d> Prepared<'d> {
                 .zip(&buf)
                 .for_each(|(dst, &v)| *dst = v);
         }
+        let train_rows: Vec<usize> = train
+            .iter()
+            .flat_map(|&g| groups[g].rows.iter().copied())
+            .collect();
+        let mut mean = vec![0.0; d];
+        for &r in &train_rows {
+            mean.iter_mut()
+                .zip(x.col(r).iter())
+                .for_each(|(m, v)| *m += v / train_rows.len() as f64);
+        }
+        let spread: f64 = train_rows
+            .iter()
+            .map(|&r| {
+                x.col(r)
+                    .iter()
+                    .zip(&mean)
+                    .map(|(v, m)| (v - m) * (v - m))
+                    .sum::<f64>()
+            })
+            .sum::<f64>()
+            / train_rows.len() as f64;
         let test_rows: Vec<usize> = test
             .iter()
             .flat_map(|&g| groups[g].rows.iter().copied())
@@ -145,6 +169,7 @@ impl<'d> Prepared<'d> {
             test_golden,
             test_prompt,
             best_of_n: data.usable_best_of_n(&plan.protocol.best_of_n),
+            mean_sq_difference: 2.0 * spread,
             prepare_time: start.elapsed(),
         })
     }
@@ -241,32 +266,65 @@ pub fn run_replicate(
 ) -> anyhow::Result<Replicate> {
     let proto = &plan.protocol;
     let data = prep.data;
-    let mut posterior = Posterior::new(data.dim(), proto.prior_precision)?;
+    let auto = proto.prior_precision.is_auto();
+    let mut posterior = Posterior::new(
+        data.dim(),
+        proto.prior_precision.initial(prep.mean_sq_difference),
+    )?;
     let mut annotator = Annotator::new(prep.seed, proto.beta, data.reward());
     let mut t = Timings::default();
     let mut points = Vec::new();
     let refit_opts = RefitOptions::default();
+    let evidence = EvidenceOptions::default();
+    // Uses of each dataset row so far (the daemon's `pool.max_uses`: a used-up response leaves the pool).
+    let mut uses = vec![0u32; data.len()];
 
+    // A refit, with the evidence-chosen prior when it is `auto`.
+    let refit = |posterior: &mut Posterior, t: &mut Timings| -> anyhow::Result<()> {
+        let start = Instant::now();
+        if auto {
+            posterior
+                .refit_evidence(refit_opts, &evidence)
+                .context("refitting the posterior (evidence prior)")?;
+        } else {
+            posterior
+                .refit(refit_opts)
+                .context("refitting the posterior")?;
+        }
+        t.refit += start.elapsed();
+        Ok(())
+    };
     let mut apply = |posterior: &mut Posterior,
                      pairs: &[(usize, usize)],
+                     uses: &mut [u32],
                      t: &mut Timings|
      -> anyhow::Result<()> {
         for &(a, b) in pairs {
             let start = Instant::now();
             let y = annotator.label(a, b);
+            uses[a] += 1;
+            uses[b] += 1;
             posterior
                 .update(&prep.difference(a, b), y)
                 .with_context(|| format!("updating the posterior with rows ({a}, {b})"))?;
             t.update += start.elapsed();
             if proto.refit_every > 0 && posterior.label_count() % proto.refit_every == 0 {
-                let start = Instant::now();
-                posterior
-                    .refit(refit_opts)
-                    .context("refitting the posterior")?;
-                t.refit += start.elapsed();
+                refit(posterior, t)?;
             }
         }
+        // With `auto` and no refit cadence, the prior is re-chosen once per round.
+        if auto && proto.refit_every == 0 && !pairs.is_empty() {
+            refit(posterior, t)?;
+        }
         Ok(())
+    };
+    let uses_left = |rows: &[usize], uses: &[u32]| -> Vec<u32> {
+        if proto.max_uses == 0 {
+            return Vec::new();
+        }
+        rows.iter()
+            .map(|&r| proto.max_uses.saturating_sub(uses[r]))
+            .collect()
     };
 
     // Round 0: the random seed labels, identical for every strategy.
@@ -274,12 +332,16 @@ pub fn run_replicate(
     let (rows, pairs) = prep.draw_pool(plan, 0);
     let mut rng = stream(prep.seed, STREAM_STRATEGY, 0);
     let take = proto.seed_labels.min(pairs.len());
-    let seed_pairs: Vec<(usize, usize)> = rand::seq::index::sample(&mut rng, pairs.len(), take)
-        .into_iter()
-        .map(|c| (rows[pairs[c].a as usize], rows[pairs[c].b as usize]))
-        .collect();
+    let mut budget = UseBudget::new(&uses_left(&rows, &uses));
+    let seed_pairs: Vec<(usize, usize)> =
+        rand::seq::index::sample(&mut rng, pairs.len(), pairs.len())
+            .into_iter()
+            .filter(|&c| budget.as_mut().is_none_or(|b| b.take(pairs[c])))
+            .take(take)
+            .map(|c| (rows[pairs[c].a as usize], rows[pairs[c].b as usize]))
+            .collect();
     t.candidates += start.elapsed();
-    apply(&mut posterior, &seed_pairs, &mut t)?;
+    apply(&mut posterior, &seed_pairs, &mut uses, &mut t)?;
     evaluate(kind, prep, &posterior, 0, &mut points, &mut t)?;
     tick();
 
@@ -287,6 +349,9 @@ pub fn run_replicate(
         let start = Instant::now();
         let (rows, pairs) = prep.draw_pool(plan, round);
         let pool = Mat::from_fn(data.dim(), rows.len(), |i, j| prep.x[(i, rows[j])]);
+        let prompts: Vec<u64> = rows.iter().map(|&i| data.prompt()[i]).collect();
+        let targets = candidates::within_prompt(&prompts);
+        let left = uses_left(&rows, &uses);
         t.candidates += start.elapsed();
 
         let start = Instant::now();
@@ -296,6 +361,8 @@ pub fn run_replicate(
             candidates: &pairs,
             in_flight: &[],
             k: proto.k,
+            targets: &targets,
+            uses_left: &left,
         };
         let mut rng = stream(prep.seed, STREAM_STRATEGY, round as u64);
         let picks = selection::select(kind, input, &plan.params, &mut rng)
@@ -307,7 +374,7 @@ pub fn run_replicate(
             .iter()
             .map(|p| (rows[p.pair.a as usize], rows[p.pair.b as usize]))
             .collect();
-        apply(&mut posterior, &chosen, &mut t)?;
+        apply(&mut posterior, &chosen, &mut uses, &mut t)?;
         evaluate(kind, prep, &posterior, round, &mut points, &mut t)?;
         tick();
     }
@@ -352,6 +419,9 @@ fn evaluate(
         if let Some(v) = m.mean {
             push(Metric::BestOfN(n), v);
         }
+    }
+    if let Some(l) = posterior.prior_precision() {
+        push(Metric::PriorPrecision, l);
     }
     let pq = posterior.prequential();
     if let Some(v) = pq.log_loss() {

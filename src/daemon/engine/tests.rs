@@ -686,3 +686,46 @@ fn precision_diagonal_is_the_diagonal_of_the_dense_precision() {
         }
     }
 }
+
+#[test]
+fn auto_prior_starts_from_the_data_scale_and_is_chosen_by_the_evidence_at_refits() {
+    let c = cfg(
+        "ARMD__MODEL__PRIOR_PRECISION = auto\nARMD__MODEL__REFIT_EVERY = 50\n\
+                 ARMD__SELECTION__MAX_IN_FLIGHT = 8\nARMD__SELECTION__BATCH_SIZE = 8",
+    );
+    assert!(c.model.prior_precision.is_auto());
+    let mut w = World::new(9);
+    let mut e = warmed(&c, &mut w);
+    // Standardised features: ‖x − x̄‖² ≈ d on the warm-up sample, so the start is about 2d.
+    let start = e.posterior().prior_precision().unwrap();
+    assert!(
+        start > 0.5 * D as f64 && start < 4.0 * D as f64,
+        "starting λ₀ {start} for d = {D}"
+    );
+    run_stream(&mut e, &mut w, 60, 100);
+    e.wait_refit();
+    assert!(e.posterior().labels_applied() >= 100);
+    // Refits ran (at 32, 64, then every 50) and each chose λ₀ by the evidence: the installed mode is the
+    // MAP under the installed prior, and the value is in the snapshot.
+    let chosen = e.posterior().prior_precision().unwrap();
+    assert_ne!(chosen, start);
+    let mut check = e.posterior().clone();
+    let ev = EvidenceOptions::default();
+    check.refit_evidence(RefitOptions::default(), &ev).unwrap();
+    let again = check.prior_precision().unwrap();
+    assert!(
+        (again.ln() - chosen.ln()).abs() < 0.5,
+        "a further evidence refit moves λ₀ from {chosen} to {again}"
+    );
+    assert_eq!(e.snapshot(0).prior_precision, Some(chosen));
+}
+
+#[test]
+fn refit_cadence_has_early_refits_below_refit_every() {
+    use crate::posterior::refit_due;
+    let due: Vec<u64> = (1..=1200).filter(|&n| refit_due(n, 500)).collect();
+    assert_eq!(due, vec![32, 64, 128, 256, 500, 1000]);
+    assert!(!(1..=1000).any(|n| refit_due(n, 0)));
+    let due: Vec<u64> = (1..=100).filter(|&n| refit_due(n, 40)).collect();
+    assert_eq!(due, vec![32, 40, 80]);
+}

@@ -369,7 +369,13 @@ fn greedy_joint_mi_picks_the_argmax_and_is_bounded_by_singles() {
     let probs = posterior_probs(&p, &cands, s, 9);
     let k = 8;
     let mut state = JointMi::new(s, MAX_EXACT_CONFIGURATIONS, SAMPLED_CONFIGURATIONS);
-    let chosen = greedy_joint_mi(&probs, k, &mut state, &mut StdRng::seed_from_u64(0));
+    let chosen = greedy_joint_mi(
+        &probs,
+        k,
+        &mut state,
+        &mut StdRng::seed_from_u64(0),
+        |_, _| true,
+    );
     assert_eq!(chosen.len(), k);
     // Each pick is the brute-force argmax of the joint MI given the picks before it.
     let mut taken: Vec<usize> = Vec::new();

@@ -163,3 +163,31 @@ fn every_strategy_handles_k_zero_k_too_large_and_no_candidates() {
         assert_eq!(picks.len(), 1, "{kind}: single candidate");
     }
 }
+
+#[test]
+fn every_strategy_honours_the_use_limit() {
+    // Each response may be used once (the daemon's default `pool.max_uses`), a few not at all: no pick
+    // may reuse a response or touch an exhausted one, and the batch is still as full as the limit allows.
+    for kind in StrategyKind::ALL {
+        let mut p = problem(5, 40, 10, 11);
+        p.uses_left = (0..40).map(|i| u32::from(i % 7 != 0)).collect();
+        let picks = run(kind, &p, 12, 2);
+        let mut used = [0u32; 40];
+        for pk in &picks {
+            used[pk.pair.a as usize] += 1;
+            used[pk.pair.b as usize] += 1;
+        }
+        for (i, (&u, &left)) in used.iter().zip(&p.uses_left).enumerate() {
+            assert!(
+                u <= left,
+                "{kind}: response {i} used {u} times, {left} allowed"
+            );
+        }
+        // 34 usable responses: at least 12 disjoint usable pairs exist among the candidates.
+        assert_eq!(
+            picks.len(),
+            12,
+            "{kind}: a use limit must not shrink a feasible batch"
+        );
+    }
+}

@@ -230,6 +230,8 @@ fn greedy_avoids_near_duplicates_that_one_shot_dopt_takes() {
         candidates: &pairs,
         in_flight: &[],
         k: 2,
+        targets: &[],
+        uses_left: &[],
     };
     let mut round = Round::new(input).unwrap();
     let g: Vec<usize> = greedy(&mut round, Evaluation::Lazy)
@@ -249,4 +251,43 @@ fn greedy_with_k_beyond_candidates_returns_all_once() {
     seen.sort_unstable();
     seen.dedup();
     assert_eq!(seen.len(), p.pairs.len());
+}
+
+#[test]
+fn greedy_under_a_use_limit_conditions_only_on_its_picks() {
+    // With each response usable once, every greedy pick must be the brute-force argmax of the log-det gain
+    // among pairs whose responses are still unused, the precision built from the earlier picks alone.
+    for seed in [21u64, 22] {
+        let mut p = problem(6, 24, 10, seed);
+        p.uses_left = vec![1; 24];
+        let picks = greedy_picks(&p, 6, Evaluation::Lazy);
+        assert_eq!(picks.len(), 6);
+        let mut m = dense_h(&p);
+        let mut used = [false; 24];
+        for pk in &picks {
+            let base = log_det(&m);
+            let gain = |pr: Pair| {
+                let v = diff(&p, pr);
+                let mut m2 = m.clone();
+                add_outer(&mut m2, &v, weight(&p, &v));
+                log_det(&m2) - base
+            };
+            let best = p
+                .pairs
+                .iter()
+                .filter(|pr| !used[pr.a as usize] && !used[pr.b as usize])
+                .map(|&pr| gain(pr))
+                .fold(f64::NEG_INFINITY, f64::max);
+            assert!(!used[pk.pair.a as usize] && !used[pk.pair.b as usize]);
+            assert!(
+                (gain(pk.pair) - best).abs() < 1e-9,
+                "seed {seed}: {} vs {best}",
+                gain(pk.pair)
+            );
+            used[pk.pair.a as usize] = true;
+            used[pk.pair.b as usize] = true;
+            let v = diff(&p, pk.pair);
+            add_outer(&mut m, &v, weight(&p, &v));
+        }
+    }
 }
