@@ -4,7 +4,7 @@
 //!   dopt rule implemented naively (materialised candidate Fisher matrix) on the same candidates;
 //! - whitening the default pool (N = 4096): the low-rank form the posterior uses while fewer than d/4
 //!   labels are stored, against the triangular solve with the Cholesky factor it replaces;
-//! - `targeted` vs `greedy-dopt` on one daemon-sized round (d = 2048, pool 4096, 20,000 candidates, k = 64);
+//! - `targeted` vs `greedy-dopt` on one daemon-sized round (d = 2048, pool 4096, 20,000 candidates, k = 8, 64);
 //! - refit with n labels, plain and with the evidence-chosen (`auto`) prior.
 //!
 //! Run: `cargo bench --bench core` (filter with e.g. `-- update`).
@@ -158,11 +158,30 @@ fn bench_refit(c: &mut Criterion) {
         g.bench_with_input(BenchmarkId::new("n10000", d), &d, |b, _| {
             b.iter(|| black_box(post.refit_job().run(RefitOptions::default()).unwrap()))
         });
-        g.bench_with_input(BenchmarkId::new("n10000_evidence", d), &d, |b, _| {
+        if d > 768 {
+            continue;
+        }
+        // The `auto` prior's refit: from λ₀ = 1, far from the evidence optimum (the first refit of a
+        // deployment that changed `model.prior_precision` to auto), and warm, from the λ₀ the previous
+        // refit chose (every later refit of a running daemon).
+        let ev = EvidenceOptions::default();
+        g.bench_with_input(BenchmarkId::new("n10000_evidence_cold", d), &d, |b, _| {
             b.iter(|| {
-                let job = post.refit_job();
                 black_box(
-                    job.run_evidence(RefitOptions::default(), &EvidenceOptions::default())
+                    post.refit_job()
+                        .run_evidence(RefitOptions::default(), &ev)
+                        .unwrap(),
+                )
+            })
+        });
+        let mut warm = post.clone();
+        warm.refit_evidence(RefitOptions::default(), &ev).unwrap();
+        eprintln!("refit: evidence λ₀ = {:?}", warm.prior_precision());
+        g.bench_with_input(BenchmarkId::new("n10000_evidence_warm", d), &d, |b, _| {
+            b.iter(|| {
+                black_box(
+                    warm.refit_job()
+                        .run_evidence(RefitOptions::default(), &ev)
                         .unwrap(),
                 )
             })
@@ -171,27 +190,30 @@ fn bench_refit(c: &mut Criterion) {
     g.finish();
 }
 
-/// One selection round the size of the daemon's defaults at d = 2048 (`ARMD_BENCH_D` to change):
-/// `targeted` against `greedy-dopt` on the same round, and the whitening floor they share.
+/// One selection round the size of the daemon's defaults at d = 2048 (`ARMD_BENCH_D` to change): pool 4096,
+/// 20,000 cross-prompt candidates, k = 8 (the default `selection.batch_size`) and k = 64; `targeted` against
+/// `greedy-dopt` on the same round. Both whiten the pool the same way; `targeted` also passes over the
+/// whitened pool once per pick (conditioning), which is what grows with k.
 fn bench_targeted(c: &mut Criterion) {
     let d = bench_dim();
-    let k = 64;
     let mut g = c.benchmark_group("targeted");
     g.sample_size(10);
     g.measurement_time(Duration::from_secs(20));
     let p = pool(d, 4096, 20_000, 64);
     let params = SelectionParams::default();
-    for kind in [
-        StrategyKind::GreedyDopt,
-        StrategyKind::Targeted,
-        StrategyKind::TargetedInfo,
-    ] {
-        g.bench_function(BenchmarkId::new(kind.name(), d), |b| {
-            b.iter(|| {
-                let mut rng = StdRng::seed_from_u64(0);
-                black_box(selection::select(kind, input(&p, k), &params, &mut rng).unwrap())
-            })
-        });
+    for k in [8usize, 64] {
+        for kind in [
+            StrategyKind::GreedyDopt,
+            StrategyKind::Targeted,
+            StrategyKind::TargetedInfo,
+        ] {
+            g.bench_function(BenchmarkId::new(format!("{}_k{k}", kind.name()), d), |b| {
+                b.iter(|| {
+                    let mut rng = StdRng::seed_from_u64(0);
+                    black_box(selection::select(kind, input(&p, k), &params, &mut rng).unwrap())
+                })
+            });
+        }
     }
     g.finish();
 }

@@ -135,7 +135,7 @@ impl Default for AnnotatorConfig {
 impl Default for DaemonConfig {
     fn default() -> Self {
         Self {
-            strategy: "targeted".into(),
+            strategy: "targeted-info".into(),
             baseline: "random".into(),
             batch_size: 8,
             max_in_flight: 16,

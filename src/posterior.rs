@@ -248,6 +248,7 @@ impl RefitJob {
             max_iterations: opts.max_iterations.min(EVIDENCE_NEWTON_STEPS),
             ..opts
         };
+        let mut search = evidence::FixedPoint::default();
         for round in 1.. {
             job.prior.precision = PriorPrecision::Isotropic(alpha);
             let outcome = job.run(inner)?;
@@ -259,15 +260,16 @@ impl RefitJob {
                 .map(|(t, m)| (t - m) * (t - m))
                 .sum();
             let tr = linalg::trace_inverse_from_cholesky(outcome.chol.as_ref());
-            let next = evidence::mackay_step(alpha, d, sq_norm, tr, ev);
+            let target = evidence::mackay_target(alpha, d, sq_norm, tr, ev);
             job.start.clone_from(&outcome.theta);
-            if (next.ln() - alpha.ln()).abs() < ev.tolerance || round >= ev.max_iterations.max(1) {
+            let next = search.next(alpha, target, ev);
+            if next.is_none() || round >= ev.max_iterations.max(1) {
                 let mut outcome = job.run(opts)?;
                 outcome.prior = Some(job.prior.clone());
                 outcome.report.iterations += iterations;
                 return Ok(outcome);
             }
-            alpha = next;
+            alpha = next.expect("checked above");
         }
         unreachable!("the loop returns")
     }

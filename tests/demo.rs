@@ -37,7 +37,7 @@ metrics_listen = "127.0.0.1:0"
     // Both runs are reported, each applied labels and has a learning curve.
     let names: Vec<&str> = report.runs.iter().map(|r| r.name.as_str()).collect();
     assert_eq!(names, ["armd", "random"]);
-    assert_eq!(report.runs[0].strategy, "targeted");
+    assert_eq!(report.runs[0].strategy, "targeted-info");
     assert_eq!(report.runs[1].strategy, "random");
     for r in &report.runs {
         assert!(r.labels_sent > 0, "{}: no labels sent", r.name);

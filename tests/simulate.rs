@@ -248,8 +248,8 @@ fn bad_inputs_end_with_an_error_naming_the_file_or_key() {
 /// + 8 rounds × 10 pairs, cross-prompt candidates.
 ///
 /// Measured with this exact configuration and the defaults (`auto` prior, each response used at most once),
-/// mean final 1 − Spearman over the 12 seeds: random 0.386, greedy-dopt 0.333, targeted 0.329 —
-/// gaps of 0.053 and 0.057 (seed-to-seed sd ≈ 0.05–0.08, so the standard error of a 12-seed mean is
+/// mean final 1 − Spearman over the 12 seeds: random 0.385, greedy-dopt 0.324, targeted-info 0.334 —
+/// gaps of 0.061 and 0.051 (seed-to-seed sd ≈ 0.05–0.08, so the standard error of a 12-seed mean is
 /// ≈ 0.02). The test asks for about two thirds of the measured gaps against random with the same
 /// evidence-chosen prior.
 #[test]
@@ -257,7 +257,11 @@ fn active_strategies_beat_random_with_the_same_auto_prior() {
     let out = tempfile::tempdir().unwrap();
     let mut c = SimulateConfig {
         out_dir: out.path().to_path_buf(),
-        strategies: vec!["random".into(), "greedy-dopt".into(), "targeted".into()],
+        strategies: vec![
+            "random".into(),
+            "greedy-dopt".into(),
+            "targeted-info".into(),
+        ],
         seeds: (0..12).collect(),
         ..Default::default()
     };
@@ -277,16 +281,16 @@ fn active_strategies_beat_random_with_the_same_auto_prior() {
         assert_eq!(r.final_labels, 90.0);
         r.final_one_minus_spearman.unwrap().mean
     };
-    let (random, greedy, targeted) = (last(Random), last(GreedyDopt), last(Targeted));
+    let (random, greedy, targeted) = (last(Random), last(GreedyDopt), last(TargetedInfo));
     eprintln!(
-        "final 1 − Spearman: random {random:.4}, greedy-dopt {greedy:.4}, targeted {targeted:.4}"
+        "final 1 − Spearman: random {random:.4}, greedy-dopt {greedy:.4}, targeted-info {targeted:.4}"
     );
     assert!(
-        random - greedy >= 0.035,
+        random - greedy >= 0.04,
         "greedy-dopt {greedy} vs random {random}"
     );
     assert!(
-        random - targeted >= 0.038,
-        "targeted {targeted} vs random {random}"
+        random - targeted >= 0.034,
+        "targeted-info {targeted} vs random {random}"
     );
 }

@@ -154,7 +154,7 @@ impl Default for RawSelection {
     fn default() -> Self {
         let p = SelectionParams::default();
         Self {
-            strategy: "targeted".into(),
+            strategy: "targeted-info".into(),
             batch_size: 8,
             max_in_flight: 64,
             request_ttl_secs: 600,
@@ -885,7 +885,7 @@ mod tests {
     fn minimal_config_gets_documented_defaults() {
         let c = Config::from_toml_with_env(MIN, &[]).unwrap();
         assert_eq!(c.model.dim, 8);
-        assert_eq!(c.selection.strategy, StrategyKind::Targeted);
+        assert_eq!(c.selection.strategy, StrategyKind::TargetedInfo);
         assert_eq!(c.model.prior_precision, PriorSetting::Auto);
         assert_eq!(c.selection.batch_size, 8);
         assert_eq!(c.kafka.topics.labels, "armd.labels");

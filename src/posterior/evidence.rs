@@ -126,9 +126,9 @@ impl Default for EvidenceOptions {
     }
 }
 
-/// One MacKay step from α given the MAP's squared distance from the prior mean and `tr(H⁻¹)`: the next α,
-/// damped and clamped.
-pub fn mackay_step(
+/// MacKay's update from α, given the MAP's squared distance from the prior mean and `tr(H⁻¹)`:
+/// `γ/‖θ̂ − θ₀‖²`, clamped (undamped: [`FixedPoint`] damps and accelerates it).
+pub fn mackay_target(
     alpha: f64,
     dim: usize,
     sq_norm: f64,
@@ -142,6 +142,38 @@ pub fn mackay_step(
     } else {
         opts.max
     };
-    let step = (target.ln() - alpha.ln()).clamp(-opts.max_log_step, opts.max_log_step);
-    (alpha.ln() + step).exp().clamp(opts.min, opts.max)
+    target.clamp(opts.min, opts.max)
+}
+
+/// The search for `ln α = ln target(α)`. MacKay's plain iteration converges only linearly, and slowly
+/// when few directions are determined (measured: 20 iterations without converging on 10,000 noisy labels
+/// at d = 768); secant steps on `g(x) = ln target(eˣ) − x` converge superlinearly near the fixed point.
+/// Every step is clamped to `max_log_step` and α to `[min, max]`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FixedPoint {
+    previous: Option<(f64, f64)>,
+}
+
+impl FixedPoint {
+    /// The next α from α and its target; `None` once `|ln target − ln α| < tolerance` (converged).
+    pub fn next(&mut self, alpha: f64, target: f64, opts: &EvidenceOptions) -> Option<f64> {
+        let x = alpha.ln();
+        let g = target.ln() - x;
+        if g.abs() < opts.tolerance {
+            return None;
+        }
+        let mut step = g;
+        if let Some((xp, gp)) = self.previous {
+            let slope = (g - gp) / (x - xp);
+            // A stable fixed point has g decreasing through zero; otherwise take the plain step.
+            if slope.is_finite() && slope < 0.0 {
+                step = -g / slope;
+            }
+        }
+        self.previous = Some((x, g));
+        let step = step.clamp(-opts.max_log_step, opts.max_log_step);
+        let next = (x + step).exp().clamp(opts.min, opts.max);
+        // Pinned at a clamp bound: nothing left to move.
+        (next != alpha).then_some(next)
+    }
 }

@@ -27,7 +27,7 @@
 //! `s_t`, plus one pass over the whitened pool (O(N d)). Targets are a uniform sample of at most
 //! `SelectionParams::targeted_targets` within-prompt pairs of the pool, which estimates `T` without bias.
 
-use faer::{Accum, Mat};
+use faer::{Accum, Mat, Par};
 use rand::Rng;
 use rayon::prelude::*;
 
@@ -80,17 +80,19 @@ impl State {
         let scale = (w / (1.0 + w * s)).sqrt();
         q.iter_mut().for_each(|x| *x *= scale);
         // a = Uᵀq (m), b = Zᵀq (N); G −= a bᵀ, target variances −= a².
+        // Uᵀq is small (m × d): one thread.
         let qm = faer::MatRef::from_column_major_slice(&q, q.len(), 1);
-        let a = self.u.transpose() * qm;
-        let mut b = Mat::<f64>::zeros(z.ncols(), 1);
+        let mut a = Mat::<f64>::zeros(self.u.ncols(), 1);
         faer::linalg::matmul::matmul(
-            b.as_mut(),
+            a.as_mut(),
             Accum::Replace,
-            z.transpose(),
+            self.u.transpose(),
             qm,
             1.0,
-            linalg::matrix_par(),
+            Par::Seq,
         );
+        let mut b = Mat::<f64>::zeros(z.ncols(), 1);
+        faer::linalg::matmul::matmul(b.as_mut(), Accum::Replace, z.transpose(), qm, 1.0, Par::Seq);
         let a: Vec<f64> = (0..a.nrows()).map(|j| a[(j, 0)]).collect();
         let b: Vec<f64> = (0..b.nrows()).map(|i| b[(i, 0)]).collect();
         let m = a.len();
@@ -117,16 +119,23 @@ fn score(kind: TargetScore, ga: &[f64], gb: &[f64], target_var: &[f64], w: f64, 
             w * num / (m * denom)
         }
         TargetScore::Information => {
+            // −Σ ln(1 − r_j), taking one logarithm per 16 targets: the product of 16 factors in
+            // [1e-12, 1] cannot underflow, and logarithms dominated the cost of this form.
             let mut total = 0.0;
-            for ((x, y), &tv) in ga.iter().zip(gb).zip(target_var) {
+            let mut product = 1.0;
+            for (j, ((x, y), &tv)) in ga.iter().zip(gb).zip(target_var).enumerate() {
                 if tv > 0.0 {
                     let c = x - y;
                     // ≤ w s / (1 + w s) < 1 by Cauchy–Schwarz; the clamp only guards rounding.
                     let r = (w * c * c / (denom * tv)).min(1.0 - 1e-12);
-                    total -= (-r).ln_1p();
+                    product *= 1.0 - r;
+                }
+                if j % 16 == 15 {
+                    total -= product.ln();
+                    product = 1.0;
                 }
             }
-            total / m
+            (total - product.ln()) / m
         }
     }
 }
@@ -153,9 +162,9 @@ pub fn targeted(
         .map(|j| pool_targets[j])
         .collect();
     let in_flight = round.whitened_in_flight();
+    let mut budget = round.budget();
     let mut s = round.variances().to_vec();
     let (z, _) = round.whitened();
-    let z = z.clone();
     let d = z.nrows();
     let u = Mat::<f64>::from_fn(d, m, |r, j| {
         let p = targets[j];
@@ -193,12 +202,11 @@ pub fn targeted(
     };
     for (v, uf) in input.in_flight.iter().zip(&in_flight) {
         let p = sigmoid(dot(input.posterior.theta(), v));
-        if let Some(b) = state.condition(&z, uf, p * (1.0 - p)) {
+        if let Some(b) = state.condition(z, uf, p * (1.0 - p)) {
             update_variances(&mut s, &b);
         }
     }
 
-    let mut budget = round.budget();
     let mut taken = vec![false; n];
     let mut chosen = Vec::with_capacity(k);
     while chosen.len() < k {
@@ -244,7 +252,7 @@ pub fn targeted(
         let uc: Vec<f64> = (0..d)
             .map(|r| z[(r, p.a as usize)] - z[(r, p.b as usize)])
             .collect();
-        if let Some(b) = state.condition(&z, &uc, weights[c]) {
+        if let Some(b) = state.condition(z, &uc, weights[c]) {
             update_variances(&mut s, &b);
         }
     }

@@ -56,7 +56,7 @@ pub struct SimulateConfig {
 impl Default for SimulateConfig {
     fn default() -> Self {
         Self {
-            strategies: ["random", "greedy-dopt", "targeted"]
+            strategies: ["random", "greedy-dopt", "targeted-info"]
                 .map(String::from)
                 .to_vec(),
             seeds: vec![0, 1, 2],
