@@ -35,8 +35,8 @@ from pathlib import Path
 import numpy as np
 
 from dataset_common import (  # shared with the other builders (corpus, grouping, models)
-    DEFAULT_CORPUS, HERE, MAX_CHARS, MAX_WORDS, MIN_WORDS, group_prompts, load_corpus, log,
-    minilm_dir, pkg_version, sha256_file, smollm2_gguf, textstat_en,
+    DEFAULT_CORPUS, HERE, base_meta, corpus_source, group_prompts, load_corpus, log, minilm_dir,
+    pkg_version, sha256_file, smollm2_gguf, textstat_en,
 )
 from dataset_common import build_reward as _build_reward
 
@@ -222,29 +222,10 @@ def main(argv=None) -> int:
 
     within = [np.std(reward[prompt == p]) for p in range(len(counts))]
     meta = {
-        "builder": "tools/dataset/build_dataset.py",
-        "builder_version": BUILDER_VERSION,
-        "command": command,
-        "seed": args.seed,
-        "n": int(n),
-        "d": int(emb.shape[1]),
-        "n_prompts": int(len(counts)),
-        "responses_per_prompt": {"min": int(counts.min()), "max": int(counts.max()),
-                                 "mean": float(counts.mean())},
-        "files": {
-            "embeddings.npy": f"float32 [{n}, {emb.shape[1]}]",
-            "reward.npy": f"float64 [{n}]",
-            "prompt.npy": f"int64 [{n}], values 0..{len(counts) - 1}, rows grouped by prompt",
-        },
+        **base_meta("tools/dataset/build_dataset.py", BUILDER_VERSION, command, args.seed, emb,
+                    prompt),
         "sources": {
-            "text": {
-                "package": f"npm nlp-corpus@{corpus_version}",
-                "description": "real English sentences from many sources (film reviews, UN minutes, "
-                               "news, reddit, song lyrics, SMS, fiction, ...); may contain offensive text",
-                "filter": f"{MIN_WORDS}-{MAX_WORDS} words, <= {MAX_CHARS} chars, >= 70% letters, "
-                          "case-insensitive dedup",
-                "usable_sentences": len(texts),
-            },
+            "text": corpus_source(corpus_version, len(texts)),
             "grouping": {
                 "definition": "a prompt is an anchor sentence drawn at random from the corpus; its "
                               "responses are the k unused sentences with the highest TF-IDF cosine "

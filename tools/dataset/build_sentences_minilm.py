@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from dataset_common import (
-    DEFAULT_CORPUS, MAX_CHARS, MAX_WORDS, MIN_WORDS, REALTEXT_GROUPING, base_meta, build_reward,
+    DEFAULT_CORPUS, REALTEXT_GROUPING, base_meta, build_reward, corpus_source,
     group_prompts, grouped_rows, load_corpus, load_minilm, log, pkg_version, realtext_used,
     save_arrays, set_log_name, within_prompt_std, write_meta,
 )
@@ -126,12 +126,7 @@ def main(argv=None) -> int:
                      emb, prompt)
     meta["sources"] = {
         "text": {
-            "package": f"npm nlp-corpus@{corpus_version}",
-            "description": "real English sentences from many sources (film reviews, UN minutes, "
-                           "news, reddit, song lyrics, SMS, fiction, ...); may contain offensive text",
-            "filter": f"{MIN_WORDS}-{MAX_WORDS} words, <= {MAX_CHARS} chars, >= 70% letters, "
-                      "case-insensitive dedup",
-            "usable_sentences": len(texts),
+            **corpus_source(corpus_version, len(texts)),
             "excluded_realtext_sentences": len(excluded),
             "realtext_grouping_excluded": REALTEXT_GROUPING if args.exclude_realtext else None,
         },

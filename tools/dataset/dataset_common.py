@@ -262,6 +262,18 @@ def save_arrays(out: Path, emb: np.ndarray, reward: np.ndarray, prompt: np.ndarr
     np.save(out / "prompt.npy", prompt)
 
 
+def corpus_source(corpus_version: str, usable_sentences: int) -> dict:
+    """meta.json's description of the nlp-corpus sentences a builder drew from."""
+    return {
+        "package": f"npm nlp-corpus@{corpus_version}",
+        "description": "real English sentences from many sources (film reviews, UN minutes, "
+                       "news, reddit, song lyrics, SMS, fiction, ...); may contain offensive text",
+        "filter": f"{MIN_WORDS}-{MAX_WORDS} words, <= {MAX_CHARS} chars, >= 70% letters, "
+                  "case-insensitive dedup",
+        "usable_sentences": usable_sentences,
+    }
+
+
 def base_meta(builder: str, version: str, command: str, seed: int, emb, prompt) -> dict:
     n, d = emb.shape
     counts = np.bincount(prompt)
