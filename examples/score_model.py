@@ -1,9 +1,14 @@
 #!/usr/bin/env python3
 """Score raw response embeddings with a reward head exported by armd (no armd code needed).
 
-armd writes two files into `export.dir`:
-  model.npy   float64 [dim]   raw-space weights w (scalings `none`, `standardize`) or θ (`l2`, `standardize+l2`)
-  model.json  metadata: version, labels_applied, scaling, bias, scaler statistics, log_det, ...
+armd writes into `export.dir`:
+  model.json         metadata: version, labels_applied, scaling, bias, scaler statistics, log_det, ...,
+                     and `npy_file`, the weights written with it (model.json is replaced atomically after
+                     that file exists, so reading model.json first, then the file it names, never mixes
+                     two versions)
+  model-v<N>.npy     float64 [dim]: raw-space weights w (scalings `none`, `standardize`) or θ (`l2`,
+                     `standardize+l2`); the newest three versions are kept
+  model.npy          a copy of the newest weights (may be one export ahead of model.json)
 
 Usage:
   python3 examples/score_model.py --model-dir /var/lib/armd/models --embeddings emb.npy [--out rewards.npy]
@@ -20,9 +25,10 @@ import numpy as np
 
 def load_reward_model(model_dir):
     """Returns (score, meta): score(X [n, dim]) -> rewards [n]."""
-    vec = np.load(os.path.join(model_dir, "model.npy"))
     with open(os.path.join(model_dir, "model.json")) as f:
         meta = json.load(f)
+    # The weights written with this metadata (older armd versions wrote only model.npy).
+    vec = np.load(os.path.join(model_dir, meta.get("npy_file", "model.npy")))
     scaling = meta["scaling"]
     if vec.shape != (meta["dim"],):
         raise ValueError(f"model.npy has shape {vec.shape}, model.json says dim {meta['dim']}")

@@ -1,4 +1,4 @@
-//! The paper's evaluation metrics (DESIGN §7), computed from predicted and golden rewards.
+//! The paper's evaluation metrics (docs/design.md §9.2), computed from predicted and golden rewards.
 //!
 //! - **Per-prompt Spearman**: for each test prompt, the rank correlation between predicted and golden rewards
 //!   of its responses, averaged over prompts. Reports plot `1 − mean`.
@@ -14,8 +14,9 @@
 use crate::error::{check_dim, check_finite, CoreError};
 use rand::Rng;
 
-/// The N values of the paper's Best-of-N curves (DESIGN §7). A prompt contributes to `N` only when it has
-/// at least `N` responses, so large N are reported on fewer prompts (see [`PromptMetric::prompts`]).
+/// The N values of the paper's Best-of-N curves (docs/design.md §9.2). A prompt contributes to `N` only
+/// when it has at least `N` responses, so large N are reported on fewer prompts (see
+/// [`PromptMetric::prompts`]).
 pub const BEST_OF_N: [usize; 7] = [5, 10, 30, 50, 100, 300, 500];
 
 /// A metric averaged over prompts, with how many prompts it covers: an average over 3 prompts is not

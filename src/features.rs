@@ -1,10 +1,11 @@
 //! Feature scaling of response embeddings, fitted once on a warm-up sample and then frozen with the model.
 //!
-//! Why (DESIGN §2): LLM hidden states have norms of 50–100 and a few outlier dimensions, and the prior
-//! precision λ₀ only means something on a known scale. Pair differences `v = x_a − x_b` cancel a mean but
-//! not a scale. The statistics must never change after θ has been fitted on them, so a [`Scaler`] is fitted
-//! once ([`Scaler::fit`], or [`Scaler::observe`] + [`Scaler::freeze`] while a warm-up sample streams in),
-//! stored beside θ ([`Scaler::mean`], [`Scaler::inv_std`], [`Scaler::from_parts`]) and only read afterwards.
+//! Why (docs/design.md §2.2): LLM hidden states have norms of 50–100 and a few outlier dimensions, and the
+//! prior precision λ₀ only means something on a known scale. Pair differences `v = x_a − x_b` cancel a mean
+//! but not a scale. The statistics must never change after θ has been fitted on them, so a [`Scaler`] is
+//! fitted once ([`Scaler::fit`], or [`Scaler::observe`] + [`Scaler::freeze`] while a warm-up sample streams
+//! in), stored beside θ ([`Scaler::mean`], [`Scaler::inv_std`], [`Scaler::from_parts`]) and only read
+//! afterwards.
 //!
 //! Exported models must score **raw** embeddings. For the linear scalings ([`Scaling::None`],
 //! [`Scaling::Standardize`]) [`Scaler::fold_into_linear_head`] turns θ into `(w, b)` with

@@ -32,6 +32,37 @@ enum Command {
     /// answered by simulated noisy annotators; live progress on stderr, /metrics while it runs, and a
     /// summary table, curves.csv and an SVG plot of held-out Spearman vs labels at the end.
     Demo(Box<armd::demo::DemoArgs>),
+    /// Manage the Kafka topics armd uses (armd run never creates them; it waits for them).
+    Topics(TopicsArgs),
+}
+
+#[derive(Args, Debug)]
+struct TopicsArgs {
+    #[command(subcommand)]
+    action: TopicsAction,
+}
+
+#[derive(Subcommand, Debug)]
+enum TopicsAction {
+    /// Create the five topics named in the configuration, with the partitions, replication factor and
+    /// retention each needs (README "Topics"). Topics that exist are left as they are and reported.
+    Create(TopicsCreateArgs),
+}
+
+#[derive(Args, Debug)]
+struct TopicsCreateArgs {
+    /// Configuration file (TOML), as for `armd run` (brokers, topic names, TTLs, [kafka.settings]).
+    #[arg(long, short, value_name = "PATH", env = "ARMD_CONFIG")]
+    config: PathBuf,
+    /// Partitions of the responses topic (instances of one consumer group split them).
+    #[arg(long, default_value_t = 6)]
+    response_partitions: i32,
+    /// Replication factor of every topic (use 3 on a production cluster).
+    #[arg(long, default_value_t = 1)]
+    replication_factor: i32,
+    /// Print what would be created and exit.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 #[derive(Args, Debug)]
@@ -50,6 +81,9 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Simulate(args) => armd::simulate::cli_main(*args),
         Command::Demo(args) => armd::demo::cli_main(*args),
+        Command::Topics(TopicsArgs {
+            action: TopicsAction::Create(args),
+        }) => topics_create(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -70,6 +104,27 @@ fn run(args: RunArgs) -> Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(daemon::run(cfg, shutdown_signal()))
+}
+
+fn topics_create(args: TopicsCreateArgs) -> Result<()> {
+    use armd::daemon::topics;
+    let cfg = Config::load(&args.config)?;
+    let opts = topics::TopicOptions {
+        response_partitions: args.response_partitions,
+        replication_factor: args.replication_factor,
+    };
+    let specs = topics::plan(&cfg, &opts)?;
+    if args.dry_run {
+        for s in &specs {
+            println!("{}", topics::describe(s, None));
+        }
+        return Ok(());
+    }
+    let outcomes = topics::create(&cfg, &specs, cfg.kafka.startup_timeout)?;
+    for (s, o) in specs.iter().zip(&outcomes) {
+        println!("{}", topics::describe(s, Some(o)));
+    }
+    Ok(())
 }
 
 /// Resolves on the first SIGTERM or SIGINT.

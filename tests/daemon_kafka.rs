@@ -151,3 +151,83 @@ fn daemon_learns_from_annotators_dead_letters_bad_input_and_resumes_after_restar
         "held-out per-prompt Spearman: early {early:.3} → final {fin:.3} after {sent} labels"
     );
 }
+
+/// The quick start on a fresh broker: `armd topics create` makes the five topics with the documented
+/// partitions and retention (a second run leaves them alone and says so), and `armd run` then becomes
+/// ready instead of waiting for its topics.
+#[test]
+fn topics_create_prepares_a_fresh_broker_for_armd_run() {
+    use rdkafka::admin::{AdminOptions, ResourceSpecifier};
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+
+    let broker = broker();
+    let b = broker.bootstrap.as_str();
+    let t = topic_names("topics-cli");
+    let state = tempfile::tempdir().unwrap();
+    let (text, port) =
+        common::process::with_fixed_port(&config_text(b, &t, state.path(), 8, "armd-topics"));
+    let cfg_path = state.path().join("armd.toml");
+    std::fs::write(&cfg_path, &text).unwrap();
+    let create = || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_armd"))
+            .args(["topics", "create", "--response-partitions", "3", "--config"])
+            .arg(&cfg_path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "armd topics create failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let first = create();
+    assert_eq!(first.lines().count(), 5, "{first}");
+    assert!(first.lines().all(|l| l.ends_with("created")), "{first}");
+
+    let md_client: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", b)
+        .create()
+        .unwrap();
+    let partitions = |topic: &str| {
+        let md = md_client
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .unwrap();
+        md.topics()[0].partitions().len()
+    };
+    assert_eq!(partitions(&t.responses), 3);
+    assert_eq!(partitions(&t.labels), 1);
+    assert_eq!(partitions(&t.models), 1);
+    let (admin, rt) = admin(b);
+    let setting = |topic: &str, key: &str| -> String {
+        let r = rt
+            .block_on(
+                admin.describe_configs(&[ResourceSpecifier::Topic(topic)], &AdminOptions::new()),
+            )
+            .unwrap();
+        let res = r.into_iter().next().unwrap().unwrap();
+        res.get(key)
+            .and_then(|e| e.value.clone())
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        setting(&t.labels, "retention.ms"),
+        "-1",
+        "labels are kept forever"
+    );
+    assert_eq!(setting(&t.models, "cleanup.policy"), "compact");
+    let requests_retention: i64 = setting(&t.requests, "retention.ms").parse().unwrap();
+    assert!(requests_retention >= 7 * 86_400_000, "{requests_retention}");
+
+    let second = create();
+    assert!(
+        second.lines().all(|l| l.contains("exists (left as is)")),
+        "{second}"
+    );
+
+    let log = state.path().join("armd.log");
+    let mut d = common::process::Armd::spawn(&cfg_path, port, &log, &[]);
+    d.wait_ready(Duration::from_secs(60));
+    let exit = d.terminate(Duration::from_secs(30));
+    assert!(exit.success(), "armd exited with {exit}");
+}

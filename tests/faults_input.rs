@@ -539,7 +539,7 @@ fn labels_after_a_short_request_ttl_are_dead_lettered_as_expired() {
     let reqs = issued_requests(&d, b, &t, 8);
     // Wait (not assert) until every one of them is past its expiry, then answer them all.
     let last_expiry = reqs.iter().map(|r| r.expires_at_ms).max().unwrap();
-    while armd::daemon::driver::now_ms() <= last_expiry + 200 {
+    while armd::daemon::input::now_ms() <= last_expiry + 200 {
         std::thread::sleep(Duration::from_millis(100));
     }
     let p = Positioned::new(b, 1 << 20);

@@ -33,6 +33,7 @@ fn snapshot(scaler: &Scaler, theta: &[f64]) -> ModelSnapshot {
             accuracy: Some(0.7),
         },
         created_at_ms: 0,
+        npy_file: None,
     }
 }
 
@@ -45,8 +46,8 @@ fn score_model_py_matches_armd_for_every_scaling() {
         .is_ok_and(|s| s.success());
     if !has_numpy {
         assert!(
-            std::env::var_os("CI").is_none(),
-            "numpy is required in CI (.ci/run installs it)"
+            std::env::var_os("ARMD_REQUIRE_TOOLS").is_none() && std::env::var_os("CI").is_none(),
+            "numpy is required under .ci/run (it installs it in a virtual environment) and in CI"
         );
         eprintln!("skipping: {python} with numpy not available");
         return;

@@ -8,6 +8,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::inprocess::start_in_process;
+use common::replay;
 use common::*;
 
 #[test]
@@ -93,7 +94,7 @@ fn python_labeler_drives_the_daemon_and_python_scores_with_the_export() {
     let snippet = format!(
         r#"
 import json, numpy as np
-w = np.load("{dir}/model/model.npy"); meta = json.load(open("{dir}/model/model.json"))
+meta = json.load(open("{dir}/model/model.json")); w = np.load("{dir}/model/" + meta["npy_file"])
 x = np.load("{x}").reshape(-1, {dim}); y = np.load("{y}")
 reward = x @ w + meta["bias"]
 print(json.dumps({{"labels": meta["labels_applied"], "corr": float(np.corrcoef(reward, y)[0, 1])}}))
@@ -121,4 +122,49 @@ print(json.dumps({{"labels": meta["labels_applied"], "corr": float(np.corrcoef(r
     // The same numbers from Rust: the export scores raw embeddings.
     let (w, bias, _) = exported_model(&state.path().join("model")).unwrap();
     assert!(spearman_of(&w, bias, &test) > 0.5);
+}
+
+/// `examples/generator.py` (the compose stack's demo producer) writes responses armd accepts, with a
+/// prompt and a text in their metadata, and a golden weights file the simulated annotator can load.
+#[test]
+fn python_generator_writes_responses_armd_accepts() {
+    let broker = broker();
+    let b = broker.bootstrap.as_str();
+    let t = create_topics(b, "generator");
+    let dir = tempfile::tempdir().unwrap();
+    let golden = dir.path().join("golden.npy");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/generator.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .args(["--brokers", b, "--topic", &t.responses, "--dim", "8"])
+        .args(["--per-prompt", "3", "--rate", "0", "--max-responses", "12"])
+        .arg("--golden")
+        .arg(&golden)
+        .output()
+        .expect("python3 must be installed");
+    assert!(
+        out.status.success(),
+        "generator.py failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let decoder = armd::daemon::messages::Decoder::new(8, 1 << 20);
+    let records = replay::read_topic(b, &t.responses);
+    assert_eq!(records.len(), 12);
+    let mut prompts = std::collections::BTreeSet::new();
+    for r in &records {
+        let resp = decoder
+            .response(r.payload.as_deref())
+            .unwrap_or_else(|e| panic!("armd rejects a generated response: {e}"));
+        assert_eq!(resp.embedding.len(), 8);
+        prompts.insert(resp.prompt_id.to_string());
+        let meta = String::from_utf8_lossy(r.payload.as_deref().unwrap()).to_string();
+        assert!(
+            meta.contains("\"text\"") && meta.contains("\"prompt\""),
+            "{meta}"
+        );
+    }
+    assert_eq!(prompts.len(), 4);
+    let bytes = std::fs::read(&golden).unwrap();
+    let w: Vec<f64> = npyz::NpyFile::new(&bytes[..]).unwrap().into_vec().unwrap();
+    assert_eq!(w.len(), 8);
 }

@@ -407,18 +407,25 @@ fn temp_prefix(path: &Path) -> Result<(PathBuf, String)> {
 /// removed; a missing directory is not an error.
 pub fn remove_stale_temp_files(path: &Path) -> Result<usize> {
     let (dir, prefix) = temp_prefix(path)?;
-    let entries = match fs::read_dir(&dir) {
+    remove_stale_temp_files_in(&dir, |name| name.starts_with(&prefix))
+}
+
+/// Removes the files of `dir` whose name `is_temp` accepts and that are not this process's own (their
+/// name ends in `.tmp-<pid>`; see [`write_atomic`]). Returns how many; a missing directory is not an
+/// error.
+pub fn remove_stale_temp_files_in(dir: &Path, is_temp: impl Fn(&str) -> bool) -> Result<usize> {
+    let entries = match fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
         Err(e) => return Err(e).with_context(|| format!("cannot list {}", dir.display())),
     };
-    let own = format!("{prefix}{}", std::process::id());
+    let own = format!(".tmp-{}", std::process::id());
     let mut removed = 0;
     for entry in entries {
         let entry = entry.with_context(|| format!("cannot list {}", dir.display()))?;
         let name = entry.file_name();
         let name = name.to_string_lossy();
-        if name.starts_with(&prefix) && name != own {
+        if is_temp(&name) && !name.ends_with(&own) {
             fs::remove_file(entry.path()).with_context(|| {
                 format!(
                     "cannot remove stale temporary file {}",

@@ -45,12 +45,14 @@ struct RawConfig {
 #[serde(deny_unknown_fields, default)]
 struct RawDaemon {
     instance_id: String,
+    liveness_timeout_secs: u64,
 }
 
 impl Default for RawDaemon {
     fn default() -> Self {
         Self {
             instance_id: "armd-0".into(),
+            liveness_timeout_secs: 120,
         }
     }
 }
@@ -287,6 +289,9 @@ pub struct Config {
 pub struct DaemonConfig {
     /// Names this instance in request ids; distinct per instance sharing the topics.
     pub instance_id: String,
+    /// A worker thread (engine, responses or labels consumer) that has not finished a loop iteration for
+    /// this long counts as stalled: `/healthz` turns 503 and the daemon exits non-zero.
+    pub liveness_timeout: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -447,6 +452,12 @@ impl Config {
             "daemon.instance_id",
             format!("{:?}", d.instance_id),
             "must be 1-64 characters of [A-Za-z0-9._-]",
+        );
+        p.check(
+            (1..=86_400).contains(&d.liveness_timeout_secs),
+            "daemon.liveness_timeout_secs",
+            d.liveness_timeout_secs,
+            "must be 1-86400 (seconds without a loop iteration before a worker thread counts as stalled)",
         );
 
         let k = &raw.kafka;
@@ -804,6 +815,7 @@ impl Config {
         Ok(Config {
             daemon: DaemonConfig {
                 instance_id: raw.daemon.instance_id,
+                liveness_timeout: Duration::from_secs(raw.daemon.liveness_timeout_secs),
             },
             kafka: KafkaConfig {
                 brokers: raw.kafka.brokers,
@@ -1067,6 +1079,10 @@ mod tests {
             (
                 "[model]\ndim = 8\n[daemon]\ninstance_id = \"a b\"",
                 "daemon.instance_id",
+            ),
+            (
+                "[model]\ndim = 8\n[daemon]\nliveness_timeout_secs = 0",
+                "daemon.liveness_timeout_secs",
             ),
             ("[model]\ndim = 8\n[kafka]\nbrokers = \"\"", "kafka.brokers"),
             (

@@ -6,7 +6,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use rdkafka::consumer::{BaseConsumer, CommitMode};
@@ -14,31 +14,10 @@ use rdkafka::consumer::{BaseConsumer, CommitMode};
 use super::config::Config;
 use super::engine::{Engine, Output};
 use super::ingest;
-use super::kafka::{Context, Publisher};
+use super::input::{now_ms, Input};
+use super::kafka::{Context, Health, Publisher, Worker};
 use super::labels;
-use super::messages::{LabelMsg, Rejection, Response, SourcePosition};
 use super::telemetry::Metrics;
-
-/// Milliseconds since the Unix epoch (0 if the clock is before 1970).
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
-/// What the consumer threads send to the engine thread.
-pub enum Input {
-    /// Validated responses (one consumer batch) and their arrival time (ms).
-    Responses(Vec<Response>, i64),
-    /// One labels-topic message: decoded or rejected, with its position and Kafka timestamp (ms).
-    Label {
-        decoded: std::result::Result<LabelMsg, Rejection>,
-        payload: Option<Vec<u8>>,
-        pos: SourcePosition,
-        timestamp_ms: i64,
-    },
-}
 
 /// A checkpoint being written on its own thread.
 struct PendingWrite {
@@ -53,24 +32,70 @@ pub struct Driver {
     pub publisher: Arc<Publisher>,
     pub labels: Arc<BaseConsumer<Context>>,
     pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
     pub stop: Arc<AtomicBool>,
     /// When the last checkpoint was started (the cadence clock).
     pub last_checkpoint: Instant,
     /// When the last checkpoint was durably written (the age gauge).
     pub last_success: Instant,
     writing: Option<PendingWrite>,
+    fault: Option<Fault>,
+}
+
+/// Fault injection for the liveness tests (debug builds only): `ARMD_DEBUG_ENGINE_FAULT` =
+/// `panic-after-labels:N` or `stall-after-labels:N` makes the engine thread panic, or stop iterating for
+/// good, once N labels have been applied.
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    Panic(u64),
+    Stall(u64),
+}
+
+impl Fault {
+    fn from_env() -> Option<Self> {
+        if !cfg!(debug_assertions) {
+            return None;
+        }
+        let v = std::env::var("ARMD_DEBUG_ENGINE_FAULT").ok()?;
+        let (kind, n) = v.split_once(':')?;
+        let n = n.parse().ok()?;
+        match kind {
+            "panic-after-labels" => Some(Fault::Panic(n)),
+            "stall-after-labels" => Some(Fault::Stall(n)),
+            _ => None,
+        }
+    }
+}
+
+/// The Kafka side of the engine thread: its input channel, the producer and the labels consumer (for
+/// position commits).
+pub struct DriverIo {
+    pub rx: Receiver<Input>,
+    pub publisher: Arc<Publisher>,
+    pub labels: Arc<BaseConsumer<Context>>,
 }
 
 impl Driver {
     pub fn new(
         cfg: Arc<Config>,
         engine: Engine,
-        rx: Receiver<Input>,
-        publisher: Arc<Publisher>,
-        labels: Arc<BaseConsumer<Context>>,
+        io: DriverIo,
         metrics: Arc<Metrics>,
+        health: Arc<Health>,
         stop: Arc<AtomicBool>,
     ) -> Self {
+        let DriverIo {
+            rx,
+            publisher,
+            labels,
+        } = io;
+        let fault = Fault::from_env();
+        if let Some(f) = fault {
+            tracing::warn!(
+                ?f,
+                "ARMD_DEBUG_ENGINE_FAULT set: the engine thread will fail on purpose"
+            );
+        }
         Self {
             cfg,
             engine,
@@ -78,10 +103,12 @@ impl Driver {
             publisher,
             labels,
             metrics,
+            health,
             stop,
             last_checkpoint: Instant::now(),
             last_success: Instant::now(),
             writing: None,
+            fault,
         }
     }
 
@@ -89,6 +116,7 @@ impl Driver {
     /// cannot be written.
     pub fn run(mut self) -> Result<()> {
         loop {
+            self.health.beat(Worker::Engine);
             match self.rx.recv_timeout(Duration::from_millis(50)) {
                 Ok(input) => {
                     self.handle(input);
@@ -122,7 +150,33 @@ impl Driver {
             } => {
                 self.engine
                     .on_label(decoded, payload.as_deref(), pos, timestamp_ms, now_ms());
+                self.inject_fault();
             }
+            Input::LabelsCaughtUp { as_of_ms } => {
+                self.engine.on_labels_caught_up(as_of_ms);
+                if !self.health.labels_replayed.swap(true, Ordering::Relaxed) {
+                    tracing::info!(
+                        labels_applied = self.engine.posterior().labels_applied(),
+                        "labels topic read to its end"
+                    );
+                }
+            }
+        }
+    }
+
+    fn inject_fault(&self) {
+        let applied = self.engine.posterior().labels_applied();
+        match self.fault {
+            Some(Fault::Panic(n)) if applied >= n => {
+                panic!("injected engine fault after {applied} labels (ARMD_DEBUG_ENGINE_FAULT)")
+            }
+            Some(Fault::Stall(n)) if applied >= n => {
+                tracing::warn!(applied, "injected engine stall (ARMD_DEBUG_ENGINE_FAULT)");
+                loop {
+                    std::thread::sleep(Duration::from_secs(3600));
+                }
+            }
+            _ => {}
         }
     }
 

@@ -9,18 +9,9 @@
 //!   the last round ended. Picks up to `min(batch_size, free budget)` pairs with the configured strategy
 //!   (`greedy-dopt` conditions on the in-flight pairs as already picked), issues one request per pick and
 //!   takes the used responses out of the pool (`pool.max_uses`).
-//! - **Request ids**: `<instance>-<sequence>-<hash(instance, sequence, response ids)>`. The sequence is
-//!   checkpointed and recovered from the requests topic, and the hash covers the pair, so an id never
-//!   names two different pairs.
-//! - **Label join** ([`Engine::on_label`]): a label is applied when its request is known, the label's
-//!   Kafka timestamp is not after the request's expiry, and its annotator has not labelled that request
-//!   yet; the request closes after `labels_per_request` labels. Deciding expiry by the label's own
-//!   timestamp (not the wall clock at processing) makes the decision identical when labels are replayed
-//!   after a crash. Unknown, expired and duplicate labels are dead-lettered with their reason.
-//! - **Expiry** ([`Engine::expire`]): at `expires_at` a request stops counting against the budget and its
-//!   responses go back to the pool (if still within the pool TTL); it stays joinable for
-//!   `expiry_grace_secs` for labels timestamped before the expiry that are consumed late, then its id is
-//!   remembered in a bounded closed set.
+//! - **Requests** ([`super::ledger`]): ids, the label join, expiry and recovery rules live in the
+//!   [`Ledger`]; the engine applies what it decides. Unknown, expired and duplicate labels are
+//!   dead-lettered with their reason.
 //! - **Refit**: every `refit_every` applied labels (a deterministic point) a [`RefitJob`](crate::posterior::RefitJob) snapshot runs on
 //!   its own thread; [`Engine::poll_refit`] installs it, re-applying newer labels on top. The result does
 //!   not depend on *when* it is installed (the same labels are re-applied in the same order), so a replay
@@ -28,7 +19,7 @@
 //!   exceeds `max_labels` it is consolidated into the prior (after any pending refit).
 //! - **Checkpoint and export state** ([`Engine::checkpoint`], [`Engine::export`]).
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Instant;
@@ -39,12 +30,12 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde_json::Value;
 
-use super::checkpoint::{Checkpoint, Closed, InFlightState, ScalerState};
+use super::checkpoint::{Checkpoint, ScalerState};
 use super::config::Config;
+use super::ledger::{InFlight, Join, Ledger};
 use super::messages::{
-    self, encode_f32_b64, parse_request_id, DeadLetter, LabelMsg, LabelRequest, ModelSnapshot,
-    PrequentialSummary, Reason, Rejection, RequestSide, Response, SourcePosition, MODEL_SCHEMA,
-    REQUEST_SCHEMA,
+    self, encode_f32_b64, DeadLetter, LabelMsg, LabelRequest, ModelSnapshot, PrequentialSummary,
+    Reason, Rejection, RequestSide, Response, SourcePosition, MODEL_SCHEMA, REQUEST_SCHEMA,
 };
 use super::pool::{Evicted, Pool, PoolEntry};
 use super::telemetry::Metrics;
@@ -78,47 +69,6 @@ pub enum LabelOutcome {
     Rejected(Reason),
 }
 
-/// An issued request that may still receive labels.
-#[derive(Clone, Debug)]
-struct InFlight {
-    request: LabelRequest,
-    /// Scaled difference `x_a − x_b`.
-    v: Vec<f64>,
-    raw_a: Vec<f32>,
-    raw_b: Vec<f32>,
-    labels_received: u32,
-    annotators: Vec<String>,
-    /// Past `expires_at`: no longer counted against the budget, kept for late labels until the grace ends.
-    lapsed: bool,
-    /// Known to be on the requests topic: its delivery was confirmed, or it was restored from a checkpoint
-    /// or read back from the topic. See [`Engine::checkpoint`].
-    delivered: bool,
-}
-
-/// Bounded memory of closed request ids.
-#[derive(Debug, Default)]
-struct ClosedSet {
-    capacity: usize,
-    order: VecDeque<String>,
-    why: HashMap<String, Closed>,
-}
-
-impl ClosedSet {
-    fn insert(&mut self, id: String, why: Closed) {
-        if self.why.insert(id.clone(), why).is_none() {
-            self.order.push_back(id);
-        }
-        while self.order.len() > self.capacity {
-            if let Some(old) = self.order.pop_front() {
-                self.why.remove(&old);
-            }
-        }
-    }
-    fn get(&self, id: &str) -> Option<Closed> {
-        self.why.get(id).copied()
-    }
-}
-
 struct PendingRefit {
     /// Label-store length at the snapshot.
     at: usize,
@@ -133,11 +83,8 @@ pub struct Engine {
     posterior: Posterior,
     scaler: Scaler,
     pool: Pool,
-    in_flight: BTreeMap<String, InFlight>,
-    closed: ClosedSet,
-    next_sequence: u64,
+    ledger: Ledger,
     label_offsets: BTreeMap<i32, i64>,
-    request_scan_from: BTreeMap<i32, i64>,
     refit: Option<PendingRefit>,
     rng: StdRng,
     outbox: Vec<Output>,
@@ -178,14 +125,8 @@ impl Engine {
                 cfg.pool.capacity,
                 cfg.pool.ttl.as_millis().min(i64::MAX as u128) as i64,
             ),
-            in_flight: BTreeMap::new(),
-            closed: ClosedSet {
-                capacity: cfg.selection.closed_history,
-                ..Default::default()
-            },
-            next_sequence: 0,
+            ledger: Ledger::new(&cfg.daemon.instance_id, cfg.selection.closed_history),
             label_offsets: BTreeMap::new(),
-            request_scan_from: BTreeMap::new(),
             refit: None,
             rng: StdRng::seed_from_u64(cfg.selection.seed),
             outbox: Vec::new(),
@@ -233,13 +174,9 @@ impl Engine {
         let pending = c.pending_refit;
         let parts = c.posterior;
         self.posterior = Posterior::from_parts(parts.clone()).context("checkpoint posterior")?;
-        self.next_sequence = c.next_sequence;
         self.rng = StdRng::seed_from_u64(self.cfg.selection.seed ^ c.next_sequence.rotate_left(32));
         self.label_offsets = c.label_offsets.into_iter().collect();
-        self.request_scan_from = c.request_scan_from.into_iter().collect();
-        for (id, why) in c.closed {
-            self.closed.insert(id, why);
-        }
+        let mut in_flight = Vec::with_capacity(c.in_flight.len());
         for s in c.in_flight {
             let request: LabelRequest = serde_json::from_str(&s.request_json)
                 .context("checkpoint in-flight request is not a valid armd.request.v1")?;
@@ -248,8 +185,10 @@ impl Engine {
                 .map_err(|r| anyhow::anyhow!("checkpoint in-flight request: {r}"))?;
             f.labels_received = s.labels_received;
             f.annotators = s.annotators;
-            self.in_flight.insert(f.request.request_id.clone(), f);
+            in_flight.push(f);
         }
+        self.ledger
+            .restore(c.next_sequence, c.request_scan_from, c.closed, in_flight);
         if let Some(at) = pending {
             let at = usize::try_from(at).unwrap_or(usize::MAX);
             if at > parts.labels.len() {
@@ -284,20 +223,20 @@ impl Engine {
     }
     /// Requests that count against the budget (not lapsed).
     pub fn active_in_flight(&self) -> usize {
-        self.in_flight.values().filter(|f| !f.lapsed).count()
+        self.ledger.active()
     }
     /// Every request still joinable (including lapsed ones in their grace period).
     pub fn in_flight_ids(&self) -> Vec<String> {
-        self.in_flight.keys().cloned().collect()
+        self.ledger.ids()
     }
     pub fn next_sequence(&self) -> u64 {
-        self.next_sequence
+        self.ledger.next_sequence()
     }
     pub fn label_offsets(&self) -> &BTreeMap<i32, i64> {
         &self.label_offsets
     }
     pub fn request_scan_from(&self) -> &BTreeMap<i32, i64> {
-        &self.request_scan_from
+        self.ledger.request_scan_from()
     }
     pub fn refit_pending(&self) -> bool {
         self.refit.is_some()
@@ -515,12 +454,7 @@ impl Engine {
         if pairs.is_empty() {
             return Ok(0);
         }
-        let in_flight: Vec<Vec<f64>> = self
-            .in_flight
-            .values()
-            .filter(|f| !f.lapsed)
-            .map(|f| f.v.clone())
-            .collect();
+        let in_flight = self.ledger.open_vectors();
         let targets = candidates::within_prompt(&prompts);
         let max_uses = self.cfg.pool.max_uses;
         let uses_left: Vec<u32> = slots
@@ -601,8 +535,7 @@ impl Engine {
                 .ok_or_else(|| anyhow::anyhow!("pool slot {slot} vanished"))
         };
         let (a, b) = (find(sa)?, find(sb)?);
-        let seq = self.next_sequence;
-        self.next_sequence += 1;
+        let seq = self.ledger.take_sequence();
         let instance = &self.cfg.daemon.instance_id;
         let side = |e: &PoolEntry| RequestSide {
             prompt_id: e.prompt_id.to_string(),
@@ -631,19 +564,8 @@ impl Engine {
             self.scaler.transform_vec(&b.raw)?,
         );
         let v = va.iter().zip(&vb).map(|(x, y)| x - y).collect();
-        self.in_flight.insert(
-            request.request_id.clone(),
-            InFlight {
-                request: request.clone(),
-                v,
-                raw_a: a.raw,
-                raw_b: b.raw,
-                labels_received: 0,
-                annotators: Vec::new(),
-                lapsed: false,
-                delivered: false,
-            },
-        );
+        self.ledger
+            .insert(InFlight::new(request.clone(), v, a.raw, b.raw, false));
         Ok(request)
     }
 
@@ -674,34 +596,21 @@ impl Engine {
         let bad = |e: CoreError| Rejection::new(Reason::NonFinite, e.to_string());
         let va = self.scaler.transform_vec(&raw_a).map_err(bad)?;
         let vb = self.scaler.transform_vec(&raw_b).map_err(bad)?;
-        Ok(InFlight {
-            v: va.iter().zip(&vb).map(|(x, y)| x - y).collect(),
-            raw_a,
-            raw_b,
-            labels_received: 0,
-            annotators: Vec::new(),
-            lapsed: false,
-            // From a checkpoint (which holds only delivered requests) or from the topic itself.
-            delivered: true,
-            request,
-        })
+        let v = va.iter().zip(&vb).map(|(x, y)| x - y).collect();
+        // From a checkpoint (which holds only delivered requests) or from the topic itself: delivered.
+        Ok(InFlight::new(request, v, raw_a, raw_b, true))
     }
 
     /// Start-up recovery: registers a request read back from the requests topic. Requests of other
     /// instances, already known ones and closed ones are ignored. Returns whether it was added.
     pub fn recover_request(&mut self, request: LabelRequest) -> Result<bool> {
-        if request.instance_id != self.cfg.daemon.instance_id
-            || self.in_flight.contains_key(&request.request_id)
-            || self.closed.get(&request.request_id).is_some()
-        {
+        if !self.ledger.wants_recovery(&request) {
             return Ok(false);
         }
-        // Advance the sequence even if the pair cannot be rebuilt: the sequence number is used.
-        self.next_sequence = self.next_sequence.max(request.sequence.saturating_add(1));
         let f = self
             .in_flight_from_request(request)
             .map_err(|r| anyhow::anyhow!("recovered request: {r}"))?;
-        self.in_flight.insert(f.request.request_id.clone(), f);
+        self.ledger.insert(f);
         self.m.requests_recovered.increment(1);
         self.dirty = true;
         self.update_gauges();
@@ -711,22 +620,17 @@ impl Engine {
     /// Records that a request was delivered at `offset` of requests-topic `partition`: a restart only needs
     /// to scan that partition after it.
     pub fn on_request_delivered(&mut self, partition: i32, offset: i64) {
-        let e = self.request_scan_from.entry(partition).or_insert(0);
-        *e = (*e).max(offset + 1);
+        self.ledger.on_request_delivered(partition, offset);
     }
 
     /// Marks requests as delivered to the requests topic (ids of requests no longer in flight are ignored).
     pub fn on_requests_delivered(&mut self, ids: impl IntoIterator<Item = String>) {
-        for id in ids {
-            if let Some(f) = self.in_flight.get_mut(&id) {
-                f.delivered = true;
-            }
-        }
+        self.ledger.on_requests_delivered(ids);
     }
 
     /// Sets the scan start of a requests-topic partition (after start-up recovery read up to `offset`).
     pub fn set_request_scan_from(&mut self, partition: i32, offset: i64) {
-        self.request_scan_from.insert(partition, offset);
+        self.ledger.set_request_scan_from(partition, offset);
     }
 
     /// Sets the next offset of a labels partition that the checkpoint does not know yet.
@@ -737,24 +641,28 @@ impl Engine {
     // ---------------------------------------------------------------------------------------------
     // Expiry
 
-    /// Lapses requests past their TTL (their responses return to the pool) and forgets lapsed ones past
-    /// the grace period.
+    /// Records that the labels consumer has handed over every label the labels topic held at wall time
+    /// `as_of_ms` (its read position reached the high watermark fetched then); see [`Ledger::expire`].
+    pub fn on_labels_caught_up(&mut self, as_of_ms: i64) {
+        self.ledger.on_labels_caught_up(as_of_ms);
+    }
+
+    /// Whether the labels topic has been read to its end at least once since start (the replay of labels
+    /// published after the checkpoint is done).
+    pub fn labels_caught_up(&self) -> bool {
+        self.ledger.labels_caught_up()
+    }
+
+    /// Lapses requests past their TTL (their responses return to the pool, if still fresh) and forgets
+    /// lapsed ones once the labels topic has been read past their expiry plus the grace
+    /// ([`Ledger::expire`]).
     pub fn expire(&mut self, now_ms: i64) {
         let grace = self.cfg.selection.expiry_grace.as_millis() as i64;
-        let mut reoffer = Vec::new();
-        let mut forget = Vec::new();
-        for (id, f) in &mut self.in_flight {
-            if !f.lapsed && now_ms >= f.request.expires_at_ms {
-                f.lapsed = true;
-                self.m.requests_expired.increment(1);
-                reoffer.push(id.clone());
-            }
-            if f.lapsed && now_ms >= f.request.expires_at_ms.saturating_add(grace) {
-                forget.push(id.clone());
-            }
-        }
-        for id in &reoffer {
-            let f = &self.in_flight[id];
+        let expired = self.ledger.expire(now_ms, grace);
+        self.m
+            .requests_expired
+            .increment(expired.lapsed.len() as u64);
+        for f in &expired.lapsed {
             let back =
                 [(&f.request.a, &f.raw_a), (&f.request.b, &f.raw_b)].map(|(side, raw)| PoolEntry {
                     prompt_id: side.prompt_id.as_str().into(),
@@ -772,11 +680,7 @@ impl Engine {
                 }
             }
         }
-        for id in forget {
-            self.in_flight.remove(&id);
-            self.closed.insert(id, Closed::Expired);
-        }
-        if !reoffer.is_empty() {
+        if !expired.lapsed.is_empty() {
             self.dirty = true;
             self.update_gauges();
         }
@@ -827,48 +731,14 @@ impl Engine {
         timestamp_ms: i64,
     ) -> std::result::Result<LabelOutcome, Rejection> {
         let id = label.request_id;
-        let Some(f) = self.in_flight.get_mut(&id) else {
-            return match self.closed.get(&id) {
-                Some(Closed::Labelled) => Err(Rejection::new(
-                    Reason::DuplicateLabel,
-                    format!("request {id} already has all its labels"),
-                )),
-                Some(Closed::Expired) => Err(Rejection::new(
-                    Reason::ExpiredRequest,
-                    format!("request {id} expired"),
-                )),
-                None => match parse_request_id(&id) {
-                    Some((instance, _)) if instance != self.cfg.daemon.instance_id => {
-                        self.m.labels_foreign.increment(1);
-                        Ok(LabelOutcome::Foreign)
-                    }
-                    _ => Err(Rejection::new(
-                        Reason::UnknownRequest,
-                        format!("no request {id} was issued by this instance (or it is too old to remember)"),
-                    )),
-                },
-            };
-        };
-        if timestamp_ms > f.request.expires_at_ms {
-            return Err(Rejection::new(
-                Reason::ExpiredRequest,
-                format!(
-                    "label timestamp {timestamp_ms} ms is after the request's expiry {} ms",
-                    f.request.expires_at_ms
-                ),
-            ));
-        }
         let annotator = label.annotator_id.unwrap_or_default();
-        if f.annotators.contains(&annotator) {
-            return Err(Rejection::new(
-                Reason::DuplicateLabel,
-                if annotator.is_empty() {
-                    format!("request {id} already has an anonymous label")
-                } else {
-                    format!("annotator {annotator:?} already labelled request {id}")
-                },
-            ));
-        }
+        let f = match self.ledger.join(&id, &annotator, timestamp_ms)? {
+            Join::Foreign => {
+                self.m.labels_foreign.increment(1);
+                return Ok(LabelOutcome::Foreign);
+            }
+            Join::Apply(f) => f,
+        };
         let started = Instant::now();
         let report = self.posterior.update(&f.v, label.y).map_err(|e| {
             Rejection::new(
@@ -886,16 +756,9 @@ impl Engine {
         self.m.label_latency.record(latency);
         let apply_delay_ms = apply_delay_ms(timestamp_ms, wall_ms());
         self.m.label_apply_delay.record(apply_delay_ms / 1000.0);
-        tracing::debug!(request = %id, apply_delay_ms, "label applied");
         self.m.labels_applied.increment(1);
-        tracing::debug!(request = %id, labels_applied = self.posterior.labels_applied(), "label applied");
-        f.annotators.push(annotator);
-        f.labels_received += 1;
-        let closed = f.labels_received >= f.request.labels_wanted;
-        if closed {
-            self.in_flight.remove(&id);
-            self.closed.insert(id.clone(), Closed::Labelled);
-        }
+        tracing::debug!(request = %id, apply_delay_ms, labels_applied = self.posterior.labels_applied(), "label applied");
+        let closed = self.ledger.record_label(&id, annotator);
         self.labels_since_checkpoint += 1;
         self.labels_since_export += 1;
         self.after_label();
@@ -1037,29 +900,16 @@ impl Engine {
             posterior: self.posterior.to_parts(),
             scaler,
             pending_refit: self.refit.as_ref().map(|p| p.at as u64),
-            next_sequence: self.next_sequence,
+            next_sequence: self.ledger.next_sequence(),
             label_offsets: self.label_offsets.iter().map(|(&p, &o)| (p, o)).collect(),
             request_scan_from: self
-                .request_scan_from
+                .ledger
+                .request_scan_from()
                 .iter()
                 .map(|(&p, &o)| (p, o))
                 .collect(),
-            in_flight: self
-                .in_flight
-                .values()
-                .filter(|f| f.delivered || f.labels_received > 0)
-                .map(|f| InFlightState {
-                    request_json: serde_json::to_string(&f.request).expect("serialisable"),
-                    labels_received: f.labels_received,
-                    annotators: f.annotators.clone(),
-                })
-                .collect(),
-            closed: self
-                .closed
-                .order
-                .iter()
-                .filter_map(|id| self.closed.get(id).map(|w| (id.clone(), w)))
-                .collect(),
+            in_flight: self.ledger.checkpoint_in_flight(),
+            closed: self.ledger.checkpoint_closed(),
         }
     }
 
@@ -1117,6 +967,7 @@ impl Engine {
                 accuracy: pq.accuracy(),
             },
             created_at_ms: now_ms,
+            npy_file: None,
         }
     }
 

@@ -17,8 +17,8 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::{BorrowedMessage, Message};
 
 use super::config::Config;
-use super::driver::{now_ms, Input};
-use super::kafka::{client_config, Context, Health, Publisher, Role};
+use super::input::{now_ms, Input};
+use super::kafka::{client_config, Context, Health, Publisher, Role, Worker};
 use super::messages::{DeadLetter, Decoder, Rejection, SourcePosition};
 use super::telemetry::Metrics;
 
@@ -82,6 +82,7 @@ pub fn run(
     let decoder = Decoder::new(cfg.model.dim, cfg.pool.max_message_bytes);
     let mut last_error_log = None;
     while !stop.load(Ordering::Relaxed) {
+        health.beat(Worker::Responses);
         let mut failure = None;
         let mut engine_gone = false;
         {

@@ -7,7 +7,7 @@
 //! the broker as down until the next statistics report shows a connection up again.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -39,9 +39,41 @@ pub struct Health {
     /// Kafka clients created and positioned; consumers running.
     pub started: AtomicBool,
     pub shutting_down: AtomicBool,
+    /// The labels topic has been read to its end once since start (labels published after the checkpoint,
+    /// e.g. during a downtime, are applied).
+    pub labels_replayed: AtomicBool,
     responses_up: AtomicBool,
     labels_up: AtomicBool,
     producer_up: AtomicBool,
+    /// Monotonic ms (see [`Health::beat`]) of each worker thread's last loop iteration.
+    beats: [AtomicI64; 3],
+    /// Why the daemon is dying (a worker thread ended or stalled); `/healthz` reports it.
+    fatal: Mutex<Option<String>>,
+}
+
+/// A long-lived worker thread whose liveness `/healthz` reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Worker {
+    Engine = 0,
+    Responses = 1,
+    Labels = 2,
+}
+
+impl Worker {
+    pub const ALL: [Worker; 3] = [Worker::Engine, Worker::Responses, Worker::Labels];
+    pub fn name(self) -> &'static str {
+        match self {
+            Worker::Engine => "engine",
+            Worker::Responses => "responses consumer",
+            Worker::Labels => "labels consumer",
+        }
+    }
+}
+
+/// Milliseconds on a monotonic clock (since the first call in this process).
+pub fn monotonic_ms() -> i64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as i64
 }
 
 impl Health {
@@ -67,6 +99,57 @@ impl Health {
             && self.producer_up.load(Ordering::Relaxed)
     }
 
+    /// Start-up finished and the worker threads are about to run: their liveness clocks start now.
+    pub fn mark_started(&self) {
+        for w in Worker::ALL {
+            self.beat(w);
+        }
+        self.started.store(true, Ordering::Relaxed);
+    }
+
+    /// Records a loop iteration of `worker` (it is alive and not stuck).
+    pub fn beat(&self, worker: Worker) {
+        self.beats[worker as usize].store(monotonic_ms(), Ordering::Relaxed);
+    }
+
+    /// Marks the daemon as dying with `why` (first reason wins).
+    pub fn set_fatal(&self, why: String) {
+        let mut f = self.fatal.lock().unwrap_or_else(|p| p.into_inner());
+        if f.is_none() {
+            *f = Some(why);
+        }
+    }
+
+    pub fn fatal(&self) -> Option<String> {
+        self.fatal.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The worker threads that have not beaten for `timeout` (only once they run: before start-up
+    /// finished nothing is checked, and start-up waits for the broker as long as it takes).
+    pub fn stalled(&self, timeout: Duration) -> Vec<Worker> {
+        if !self.started.load(Ordering::Relaxed) || self.shutting_down.load(Ordering::Relaxed) {
+            return Vec::new();
+        }
+        let now = monotonic_ms();
+        let limit = timeout.as_millis() as i64;
+        Worker::ALL
+            .into_iter()
+            .filter(|&w| now - self.beats[w as usize].load(Ordering::Relaxed) > limit)
+            .collect()
+    }
+
+    /// Why the daemon is not live (empty when live): a fatal error, or a stalled worker thread.
+    pub fn not_live_reasons(&self, timeout: Duration) -> Vec<String> {
+        let mut r: Vec<String> = self.fatal().into_iter().collect();
+        for w in self.stalled(timeout) {
+            r.push(format!(
+                "{} thread stalled for more than {timeout:?}",
+                w.name()
+            ));
+        }
+        r
+    }
+
     /// Why the daemon is not ready (empty when ready).
     pub fn not_ready_reasons(&self) -> Vec<&'static str> {
         let mut r = Vec::new();
@@ -75,12 +158,17 @@ impl Health {
         }
         if !self.started.load(Ordering::Relaxed) {
             r.push("kafka clients starting");
+        } else if !self.labels_replayed.load(Ordering::Relaxed) {
+            r.push("replaying the labels topic");
         }
         if !self.broker_connected() {
             r.push("broker disconnected");
         }
         if self.shutting_down.load(Ordering::Relaxed) {
             r.push("shutting down");
+        }
+        if self.fatal().is_some() {
+            r.push("a worker thread failed");
         }
         r
     }
@@ -331,5 +419,55 @@ impl Publisher {
         self.producer
             .flush(timeout)
             .map_err(|e| anyhow::anyhow!("producer flush: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn liveness_follows_the_worker_beats_and_fatal_errors() {
+        let h = Health::default();
+        // Before start-up finished nothing can be stalled (start-up may wait for the broker for long).
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(h.stalled(Duration::from_millis(1)).is_empty());
+        h.mark_started();
+        assert!(h.not_live_reasons(Duration::from_secs(3600)).is_empty());
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(h.stalled(Duration::from_millis(10)), Worker::ALL);
+        h.beat(Worker::Engine);
+        assert_eq!(
+            h.stalled(Duration::from_millis(10)),
+            [Worker::Responses, Worker::Labels]
+        );
+        let reasons = h.not_live_reasons(Duration::from_millis(10));
+        assert!(
+            reasons[0].contains("responses consumer thread stalled"),
+            "{reasons:?}"
+        );
+        // A graceful shutdown stops the beats on purpose.
+        h.shutting_down.store(true, Ordering::Relaxed);
+        assert!(h.stalled(Duration::from_millis(10)).is_empty());
+        h.set_fatal("the engine thread ended".into());
+        h.set_fatal("second reason".into());
+        assert_eq!(
+            h.not_live_reasons(Duration::from_secs(1)),
+            ["the engine thread ended"]
+        );
+        assert!(h.not_ready_reasons().contains(&"a worker thread failed"));
+    }
+
+    #[test]
+    fn not_ready_until_the_labels_topic_was_replayed() {
+        let h = Health::default();
+        h.model_loaded.store(true, Ordering::Relaxed);
+        for role in [Role::Responses, Role::Labels, Role::Producer] {
+            h.set_broker_up(role, true);
+        }
+        h.mark_started();
+        assert_eq!(h.not_ready_reasons(), ["replaying the labels topic"]);
+        h.labels_replayed.store(true, Ordering::Relaxed);
+        assert!(h.not_ready_reasons().is_empty());
     }
 }

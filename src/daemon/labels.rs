@@ -4,6 +4,12 @@
 //! rejected — goes to the engine, which advances the partition's offset for both, so the checkpointed
 //! position always matches the posterior.
 //!
+//! **Caught up.** Between messages the thread checks (at most every [`CATCH_UP_CHECK`]) whether its read
+//! positions reached the high watermarks it fetches from the broker; when they did, it sends
+//! [`Input::LabelsCaughtUp`] with the wall time taken *before* the fetch: every label appended to the topic
+//! before that moment has been handed to the engine. The engine forgets expired requests only behind that
+//! mark (see `engine`), so a downtime or a lagging consumer never turns a timely label into a late one.
+//!
 //! The positions are also committed to the consumer group `<group_id>.labels` after each checkpoint, for
 //! monitoring tools only; armd never reads them back.
 
@@ -19,8 +25,8 @@ use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::config::Config;
-use super::driver::{now_ms, Input};
-use super::kafka::{client_config, Context, Health, Role};
+use super::input::{now_ms, Input};
+use super::kafka::{client_config, Context, Health, Role, Worker};
 use super::messages::{Decoder, SourcePosition};
 use super::telemetry::Metrics;
 
@@ -75,15 +81,32 @@ pub fn commit_positions(
     }
 }
 
+/// How often the labels thread checks whether it has read the labels topic to its end.
+pub const CATCH_UP_CHECK: Duration = Duration::from_millis(500);
+
+/// Polls until `stop`, starting at `positions` (the offsets [`assign`] was given).
 pub fn run(
     cfg: Arc<Config>,
     consumer: Arc<BaseConsumer<Context>>,
     tx: SyncSender<Input>,
+    health: Arc<Health>,
+    mut positions: BTreeMap<i32, i64>,
     stop: Arc<AtomicBool>,
 ) {
     let decoder = Decoder::new(cfg.model.dim, cfg.pool.max_message_bytes);
+    let topic = cfg.kafka.topics.labels.as_str();
     let mut last_error_log = None;
+    let mut last_check: Option<std::time::Instant> = None;
     while !stop.load(Ordering::Relaxed) {
+        health.beat(Worker::Labels);
+        if last_check.is_none_or(|t| t.elapsed() >= CATCH_UP_CHECK) {
+            last_check = Some(std::time::Instant::now());
+            if let Some(as_of) = caught_up(&consumer, topic, &positions) {
+                if tx.send(Input::LabelsCaughtUp { as_of_ms: as_of }).is_err() {
+                    break;
+                }
+            }
+        }
         let msg = match consumer.poll(Duration::from_millis(100)) {
             None => continue,
             Some(Err(e)) => {
@@ -113,8 +136,28 @@ pub fn run(
             },
             timestamp_ms: msg.timestamp().to_millis().unwrap_or_else(now_ms),
         };
+        positions.insert(msg.partition(), msg.offset() + 1);
         if tx.send(input).is_err() {
             break;
         }
     }
+}
+
+/// The wall time (ms) as of which every message of `topic` has been read, if the read `positions` are at
+/// the high watermarks fetched now; `None` when behind or when the broker does not answer.
+fn caught_up(
+    consumer: &BaseConsumer<Context>,
+    topic: &str,
+    positions: &BTreeMap<i32, i64>,
+) -> Option<i64> {
+    let as_of = now_ms();
+    for (&p, &pos) in positions {
+        let (_, high) = consumer
+            .fetch_watermarks(topic, p, Duration::from_secs(2))
+            .ok()?;
+        if pos < high {
+            return None;
+        }
+    }
+    Some(as_of)
 }

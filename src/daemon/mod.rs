@@ -13,11 +13,14 @@
 //! - [`config`]: TOML + `ARMD__SECTION__KEY` overrides → validated [`config::Config`].
 //! - [`messages`]: wire schemas (`armd.<kind>.v1`) and decoders with stable rejection reasons.
 //! - [`engine`]: the single owner of model state (pool, in-flight requests, posterior, refits); pure logic.
+//! - [`ledger`]: the requests in flight and closed, and the rules of the label join, expiry and recovery.
 //! - [`pool`]: the bounded candidate pool.
 //! - [`checkpoint`]: the atomic, versioned, checksummed state file; exactly-once for labels.
 //! - [`export`]: `.npy` + JSON model files.
-//! - [`kafka`], [`ingest`], [`labels`], [`recovery`], [`driver`]: thin Kafka I/O around the engine.
+//! - [`kafka`], [`ingest`], [`labels`], [`recovery`], [`driver`]: thin Kafka I/O around the engine;
+//!   [`input`] is what the consumer threads send the engine thread.
 //! - [`http`], [`telemetry`]: the HTTP endpoints, the metric catalogue and logging.
+//! - [`topics`]: `armd topics create` (the topics, their partitions and retention).
 //! - [`alloc`]: glibc malloc tuning: large blocks always on mmap, so freed round matrices leave RSS.
 //!
 //! **Exactly-once labels.** The labels consumer has no group management; its positions are stored in the
@@ -48,12 +51,15 @@ pub mod engine;
 pub mod export;
 pub mod http;
 pub mod ingest;
+pub mod input;
 pub mod kafka;
 pub mod labels;
+pub mod ledger;
 pub mod messages;
 pub mod pool;
 pub mod recovery;
 pub mod telemetry;
+pub mod topics;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -101,6 +107,7 @@ pub async fn run_with_listener(
         listener,
         telemetry.handle(),
         health.clone(),
+        cfg.daemon.liveness_timeout,
         async move {
             let _ = http_stop_rx.await;
         },
@@ -140,7 +147,7 @@ pub async fn run_with_listener(
             return Err(e);
         }
     };
-    health.started.store(true, Ordering::Relaxed);
+    health.mark_started();
     tracing::info!(
         labels_applied = parts.driver.engine.posterior().labels_applied(),
         "armd running"
@@ -156,7 +163,24 @@ pub async fn run_with_listener(
         .spawn(move || driver.run())
         .context("cannot start the engine thread")?;
 
-    shutdown.await;
+    // Until shutdown is requested, watch the worker threads: one that ended or stalled is fatal.
+    let timeout = cfg.daemon.liveness_timeout;
+    let failure = {
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(200));
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break None,
+                _ = tick.tick() => {
+                    if let Some(why) = worker_failure(&engine_thread, &ingest, &labels, &health, timeout) {
+                        break Some(why);
+                    }
+                }
+            }
+        }
+    };
+    if let Some(why) = failure {
+        return die(why, engine_thread, &health, &stop, http_stop_tx, http).await;
+    }
     tracing::info!("shutting down: stopping consumers, finishing the round, checkpointing");
     health.shutting_down.store(true, Ordering::Relaxed);
     stop.store(true, Ordering::Relaxed);
@@ -177,6 +201,70 @@ pub async fn run_with_listener(
     }
 }
 
+/// How long a dying daemon keeps answering `/healthz` 503 before it exits, so a probe or a person sees why.
+const DYING_LINGER: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Why the daemon cannot go on, if it cannot: a worker thread ended (only the shutdown ends them) or has
+/// not iterated for `timeout`.
+fn worker_failure(
+    engine: &std::thread::JoinHandle<Result<()>>,
+    ingest: &std::thread::JoinHandle<()>,
+    labels: &std::thread::JoinHandle<()>,
+    health: &Health,
+    timeout: std::time::Duration,
+) -> Option<String> {
+    if engine.is_finished() {
+        return Some("the engine thread ended".into());
+    }
+    if ingest.is_finished() {
+        return Some("the responses consumer thread ended".into());
+    }
+    if labels.is_finished() {
+        return Some("the labels consumer thread ended".into());
+    }
+    health
+        .stalled(timeout)
+        .first()
+        .map(|w| format!("the {} thread has not iterated for {timeout:?}", w.name()))
+}
+
+/// A worker thread failed: report it on `/healthz`, stop what can stop, and return the error (armd exits
+/// non-zero). Nothing is written: the last checkpoint and the labels topic restore the state on restart,
+/// exactly as after a crash.
+async fn die(
+    why: String,
+    engine: std::thread::JoinHandle<Result<()>>,
+    health: &Health,
+    stop: &AtomicBool,
+    http_stop_tx: tokio::sync::oneshot::Sender<()>,
+    http: tokio::task::JoinHandle<std::io::Result<()>>,
+) -> Result<()> {
+    let detail = if engine.is_finished() {
+        match engine.join() {
+            Err(panic) => format!(
+                ": panicked: {}",
+                panic
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| panic.downcast_ref::<&str>().copied())
+                    .unwrap_or("(no message)")
+            ),
+            Ok(Err(e)) => format!(": {e:#}"),
+            Ok(Ok(())) => String::new(),
+        }
+    } else {
+        String::new()
+    };
+    let why = format!("{why}{detail}");
+    tracing::error!(reason = %why, "a worker thread failed; exiting non-zero so that armd is restarted (labels since the last checkpoint are replayed)");
+    health.set_fatal(why.clone());
+    stop.store(true, Ordering::Relaxed);
+    tokio::time::sleep(DYING_LINGER).await;
+    let _ = http_stop_tx.send(());
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), http).await;
+    anyhow::bail!("{why}")
+}
+
 struct Started {
     driver: Driver,
     ingest: std::thread::JoinHandle<()>,
@@ -195,9 +283,7 @@ fn start(
     // A crash during a checkpoint or export write leaves its temporary file behind.
     let mut stale = checkpoint::remove_stale_temp_files(path)?;
     if let Some(dir) = &cfg.export.dir {
-        for file in [export::NPY_FILE, export::JSON_FILE] {
-            stale += checkpoint::remove_stale_temp_files(&dir.join(file))?;
-        }
+        stale += export::remove_stale_temp_files(dir)?;
     }
     if stale > 0 {
         tracing::info!(
@@ -262,7 +348,7 @@ fn start(
     )?;
     if fresh || recovered > 0 {
         // Pin the start positions (fresh) or the recovered requests before anything else happens.
-        let ck = engine.checkpoint(driver::now_ms());
+        let ck = engine.checkpoint(input::now_ms());
         ck.write(path)?;
     }
     let responses_consumer = ingest::consumer(&cfg, health.clone(), metrics.clone())?;
@@ -293,14 +379,31 @@ fn start(
             .context("cannot start the responses thread")?
     };
     let labels_thread = {
-        let (cfg, consumer, stop) = (cfg.clone(), labels_consumer.clone(), stop.clone());
+        let (cfg, consumer, health, stop) = (
+            cfg.clone(),
+            labels_consumer.clone(),
+            health.clone(),
+            stop.clone(),
+        );
+        let positions = engine.label_offsets().clone();
         std::thread::Builder::new()
             .name("armd-labels".into())
-            .spawn(move || labels::run(cfg, consumer, tx, stop))
+            .spawn(move || labels::run(cfg, consumer, tx, health, positions, stop))
             .context("cannot start the labels thread")?
     };
     Ok(Started {
-        driver: Driver::new(cfg, engine, rx, publisher, labels_consumer, metrics, stop),
+        driver: Driver::new(
+            cfg,
+            engine,
+            driver::DriverIo {
+                rx,
+                publisher,
+                labels: labels_consumer,
+            },
+            metrics,
+            health,
+            stop,
+        ),
         ingest,
         labels: labels_thread,
     })

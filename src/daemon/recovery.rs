@@ -54,7 +54,7 @@ pub fn wait_for_partitions(
         };
         if last_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
             last_log = Some(Instant::now());
-            tracing::warn!(topic, problem = %problem, "waiting for Kafka");
+            tracing::warn!(topic, problem = %problem, "waiting for Kafka (armd does not create topics: `armd topics create --config <file>` does)");
         }
         std::thread::sleep(Duration::from_millis(500));
     }

@@ -135,7 +135,7 @@ impl Default for SyntheticConfig {
     }
 }
 
-/// The paper's protocol (DESIGN §7).
+/// The paper's protocol (docs/design.md §9.1).
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProtocolConfig {

@@ -1,5 +1,5 @@
-//! `armd simulate`: the paper's experiment (DESIGN §7), offline, on a dataset of embeddings with golden
-//! rewards — to compare selection strategies and tune armd before spending money on labels.
+//! `armd simulate`: the paper's experiment (docs/design.md §9), offline, on a dataset of embeddings with
+//! golden rewards — to compare selection strategies and tune armd before spending money on labels.
 //!
 //! Layout:
 //! - [`config`]: the TOML configuration (`config/simulate.toml` documents every key), validation naming the

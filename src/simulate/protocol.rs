@@ -1,5 +1,5 @@
-//! The paper's protocol (DESIGN §7) for one (strategy, seed) replicate, on the daemon's own code paths:
-//! `features::Scaler` for scaling, `candidates::generate` for candidates, `selection::select` for the
+//! The paper's protocol (docs/design.md §9) for one (strategy, seed) replicate, on the daemon's own code
+//! paths: `features::Scaler` for scaling, `candidates::generate` for candidates, `selection::select` for the
 //! choice, `Posterior::update`/`refit` for learning, `evaluation` for the metrics.
 //!
 //! Common random numbers: everything random except the strategy's own choice is a function of the seed

@@ -7,7 +7,7 @@
 //! d×r matrix — so embeddings are **clustered** (topics, prompts) and **anisotropic** (a few directions carry
 //! most of the variance, as in real hidden states). A few **outlier dimensions** get an offset of ±40 and a
 //! ×8 copy of one latent direction, like the massive activations of LLM hidden states: they dominate raw
-//! norms (50–100 as in DESIGN §2) and make feature scaling matter.
+//! norms (50–100, docs/design.md §2.2) and make feature scaling matter.
 //!
 //! The golden reward is partly linear and partly not in the latent: with `u = aᵀh` and `t = bᵀh`,
 //! `r* = scale·(√(1−ν)·std(u) + √ν·std(tanh(t) + ½(cᵀh)²/‖c‖²))` where `std(·)` standardises over the dataset

@@ -354,3 +354,20 @@ pub fn check(
         log_det_rel_diff,
     }
 }
+
+/// Asserts that no message of the labels topic `t.labels` reached the dead-letter topic: no label was
+/// lost (`unknown_request`, `expired_request`) or doubled (`duplicate_label`).
+pub fn assert_no_label_dead_letters(bootstrap: &str, t: &super::Topics) {
+    use armd::daemon::messages::DeadLetter;
+    let label_dead_letters: Vec<DeadLetter> = read_topic(bootstrap, &t.dead_letter)
+        .into_iter()
+        .filter_map(|r| serde_json::from_slice::<DeadLetter>(&r.payload?).ok())
+        .filter(|dl| dl.source.topic == t.labels)
+        .collect();
+    assert!(
+        label_dead_letters.is_empty(),
+        "{} labels were dead-lettered, e.g. {:?}",
+        label_dead_letters.len(),
+        label_dead_letters.first().map(|d| (&d.reason, &d.detail))
+    );
+}

@@ -244,3 +244,25 @@ pub fn stop_and_wait_until_all_applied(
     );
     (sent, text)
 }
+
+/// A [`Feeder`] (4 responses per prompt every 100 ms) and a [`SlowAnnotator`] answering after a delay
+/// drawn from `delay`, on one synthetic world: the labelled stream most fault tests run under.
+pub fn labelled_stream(
+    bootstrap: &str,
+    t: &Topics,
+    dim: usize,
+    seed: u64,
+    delay: Range<Duration>,
+) -> (Feeder, SlowAnnotator) {
+    let world = World::new(dim, seed);
+    let golden = world.golden.clone();
+    let feeder = Feeder::start(
+        bootstrap,
+        &t.responses,
+        world,
+        4,
+        Duration::from_millis(100),
+    );
+    let annotator = SlowAnnotator::start(bootstrap, t, golden, delay, seed ^ 0x5eed);
+    (feeder, annotator)
+}

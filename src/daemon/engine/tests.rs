@@ -1,7 +1,7 @@
 //! Engine rules without Kafka: the engine is driven with messages and a clock.
 
 use super::*;
-use crate::daemon::messages::{Metadata, LABEL_SCHEMA};
+use crate::daemon::messages::{parse_request_id, Metadata, LABEL_SCHEMA};
 use crate::daemon::telemetry::Telemetry;
 use rand::Rng;
 
@@ -278,17 +278,94 @@ fn expiry_frees_budget_reoffers_pairs_and_late_labels_follow_timestamps() {
         exp + 10,
     );
     assert!(matches!(o, LabelOutcome::Applied { closed: true, .. }));
-    // After the grace the id is forgotten as expired.
+    // Past the grace by the wall clock, but the labels topic has not been read that far: kept, and a
+    // label stamped before the expiry that is read now still counts.
     e.expire(exp + 50_000);
+    assert_eq!(e.in_flight_ids().len(), 2);
+    e.on_labels_caught_up(exp + 49_999);
+    e.expire(exp + 60_000);
+    assert_eq!(
+        e.in_flight_ids().len(),
+        2,
+        "read up to 1 ms before the grace ends"
+    );
+    let o = e.on_label(
+        label(&reqs[2].request_id, 0.0, None),
+        None,
+        pos(1),
+        exp,
+        exp + 60_000,
+    );
+    assert!(matches!(o, LabelOutcome::Applied { closed: true, .. }));
+    // Once the topic was read up to the end of the grace, the id is forgotten as expired.
+    e.on_labels_caught_up(exp + 50_000);
+    e.expire(exp + 60_000);
     assert!(e.in_flight_ids().is_empty());
     let o = e.on_label(
         label(&reqs[1].request_id, 1.0, None),
         None,
-        pos(1),
+        pos(2),
         exp - 1,
-        exp + 50_001,
+        exp + 60_001,
     );
     assert_eq!(o, LabelOutcome::Rejected(Reason::ExpiredRequest));
+}
+
+/// A crash followed by a downtime longer than TTL + grace: the restored requests must still take the
+/// labels published before their expiry (which the labels consumer replays after the restart), however
+/// late the wall clock says it is.
+#[test]
+fn restored_requests_outlive_any_downtime_until_the_labels_are_replayed() {
+    let c = cfg("ARMD__SELECTION__LABELS_PER_REQUEST = 2");
+    let mut w = World::new(41);
+    let mut e = warmed(&c, &mut w);
+    e.maybe_round(0);
+    let reqs = requests(e.take_outputs());
+    assert_eq!(reqs.len(), 3);
+    e.on_requests_delivered(reqs.iter().map(|r| r.request_id.clone()));
+    let ck = e.checkpoint(1);
+    let exp = reqs[0].expires_at_ms;
+    // Restart a day later; housekeeping runs before the labels consumer has caught up.
+    let day = 86_400_000;
+    let mut e = Engine::new(c.clone(), Telemetry::new().metrics, Some(ck)).unwrap();
+    e.expire(exp + day);
+    assert!(!e.labels_caught_up());
+    assert_eq!(
+        e.active_in_flight(),
+        0,
+        "lapsed by the wall clock: no budget held"
+    );
+    assert_eq!(
+        e.in_flight_ids().len(),
+        3,
+        "but not forgotten before the replay"
+    );
+    for (i, r) in reqs.iter().enumerate() {
+        let y = w.answer(r);
+        let o = e.on_label(
+            label(&r.request_id, y, Some("first")),
+            None,
+            pos(i as i64),
+            exp - 10,
+            exp + day,
+        );
+        assert!(matches!(o, LabelOutcome::Applied { .. }), "{o:?}");
+        e.expire(exp + day);
+    }
+    assert_eq!(e.posterior().labels_applied(), 3);
+    // A label stamped after the expiry is still rejected, replay or not.
+    let late = e.on_label(
+        label(&reqs[0].request_id, 1.0, Some("other")),
+        None,
+        pos(3),
+        exp + 1,
+        exp + day,
+    );
+    assert_eq!(late, LabelOutcome::Rejected(Reason::ExpiredRequest));
+    e.on_labels_caught_up(exp + day);
+    assert!(e.labels_caught_up());
+    e.expire(exp + day);
+    assert!(e.in_flight_ids().is_empty());
 }
 
 #[test]
