@@ -12,39 +12,33 @@
 //! - **Requests** ([`super::ledger`]): ids, the label join, expiry and recovery rules live in the
 //!   [`Ledger`]; the engine applies what it decides. Unknown, expired and duplicate labels are
 //!   dead-lettered with their reason.
-//! - **Refit**: every `refit_every` applied labels (a deterministic point) a [`RefitJob`](crate::posterior::RefitJob) snapshot runs on
-//!   its own thread; [`Engine::poll_refit`] installs it, re-applying newer labels on top. The result does
-//!   not depend on *when* it is installed (the same labels are re-applied in the same order), so a replay
-//!   of the same labels reproduces the posterior. A second refit waits for the first. When the label store
-//!   exceeds `max_labels` it is consolidated into the prior (after any pending refit).
+//! - **Learning** ([`super::learner`]): the scaler, the posterior update, refits and consolidation
+//!   live in the [`Learner`]; the engine hands it each joined label's difference vector.
 //! - **Checkpoint and export state** ([`Engine::checkpoint`], [`Engine::export`]).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use faer::{Mat, MatRef};
+use faer::Mat;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde_json::Value;
 
-use super::checkpoint::{Checkpoint, ScalerState};
+use super::checkpoint::Checkpoint;
 use super::config::Config;
+use super::learner::Learner;
 use super::ledger::{InFlight, Join, Ledger};
 use super::messages::{
-    self, encode_f32_b64, DeadLetter, LabelMsg, LabelRequest, ModelSnapshot, PrequentialSummary,
-    Reason, Rejection, RequestSide, Response, SourcePosition, MODEL_SCHEMA, REQUEST_SCHEMA,
+    self, encode_f32_b64, DeadLetter, LabelMsg, LabelRequest, ModelSnapshot, Reason, Rejection,
+    RequestSide, Response, SourcePosition, REQUEST_SCHEMA,
 };
 use super::pool::{Evicted, Pool, PoolEntry};
 use super::telemetry::Metrics;
 use crate::candidates::{self, CandidateOptions};
-use crate::error::CoreError;
 use crate::features::Scaler;
-use crate::posterior::{
-    EvidenceOptions, Posterior, PosteriorParts, PriorSetting, RefitOptions, RefitOutcome,
-};
+use crate::posterior::{Posterior, PosteriorParts};
 use crate::selection::{self, SelectionInput};
 
 /// Something the engine wants published.
@@ -69,23 +63,14 @@ pub enum LabelOutcome {
     Rejected(Reason),
 }
 
-struct PendingRefit {
-    /// Label-store length at the snapshot.
-    at: usize,
-    started: Instant,
-    rx: mpsc::Receiver<std::result::Result<RefitOutcome, CoreError>>,
-}
-
 /// The daemon's model state and the rules that change it. See the module doc.
 pub struct Engine {
     cfg: Arc<Config>,
     m: Arc<Metrics>,
-    posterior: Posterior,
-    scaler: Scaler,
+    learner: Learner,
     pool: Pool,
     ledger: Ledger,
     label_offsets: BTreeMap<i32, i64>,
-    refit: Option<PendingRefit>,
     rng: StdRng,
     outbox: Vec<Output>,
     last_round_ms: Option<i64>,
@@ -93,10 +78,6 @@ pub struct Engine {
     labels_since_export: u64,
     dirty: bool,
     checkpoint_now: bool,
-}
-
-fn now_instant() -> Instant {
-    Instant::now()
 }
 
 /// Wall clock in milliseconds since the Unix epoch, with sub-millisecond precision (0 before 1970).
@@ -116,18 +97,14 @@ fn apply_delay_ms(label_timestamp_ms: i64, applied_wall_ms: f64) -> f64 {
 impl Engine {
     /// A fresh engine, or one restored from `checkpoint` (validated against the configuration).
     pub fn new(cfg: Arc<Config>, m: Arc<Metrics>, checkpoint: Option<Checkpoint>) -> Result<Self> {
-        let d = cfg.model.dim;
         let mut engine = Engine {
-            // `auto` starts at 1 and is set from the data's scale when the scaler freezes.
-            posterior: Posterior::new(d, cfg.model.prior_precision.initial(f64::NAN))?,
-            scaler: Scaler::new(cfg.model.scaling, d)?,
+            learner: Learner::new(cfg.clone(), m.clone())?,
             pool: Pool::new(
                 cfg.pool.capacity,
                 cfg.pool.ttl.as_millis().min(i64::MAX as u128) as i64,
             ),
             ledger: Ledger::new(&cfg.daemon.instance_id, cfg.selection.closed_history),
             label_offsets: BTreeMap::new(),
-            refit: None,
             rng: StdRng::seed_from_u64(cfg.selection.seed),
             outbox: Vec::new(),
             last_round_ms: None,
@@ -160,20 +137,8 @@ impl Engine {
                 self.cfg.daemon.instance_id
             );
         }
-        if let Some(s) = &c.scaler {
-            if s.scaling != self.cfg.model.scaling {
-                bail!(
-                    "checkpoint's model was fitted with scaling {:?}, but model.scaling is {:?}",
-                    s.scaling.name(),
-                    self.cfg.model.scaling.name()
-                );
-            }
-            self.scaler = Scaler::from_parts(s.mean.clone(), s.inv_std.clone(), s.scaling)
-                .context("checkpoint scaler")?;
-        }
-        let pending = c.pending_refit;
-        let parts = c.posterior;
-        self.posterior = Posterior::from_parts(parts.clone()).context("checkpoint posterior")?;
+        self.learner
+            .restore(c.scaler.as_ref(), c.posterior, c.pending_refit)?;
         self.rng = StdRng::seed_from_u64(self.cfg.selection.seed ^ c.next_sequence.rotate_left(32));
         self.label_offsets = c.label_offsets.into_iter().collect();
         let mut in_flight = Vec::with_capacity(c.in_flight.len());
@@ -189,23 +154,6 @@ impl Engine {
         }
         self.ledger
             .restore(c.next_sequence, c.request_scan_from, c.closed, in_flight);
-        if let Some(at) = pending {
-            let at = usize::try_from(at).unwrap_or(usize::MAX);
-            if at > parts.labels.len() {
-                bail!(
-                    "checkpoint's pending refit covers {at} labels but only {} are stored",
-                    parts.labels.len()
-                );
-            }
-            // Re-run the refit that was in progress, on the same labels (the result is the unique MAP).
-            let mut snap = parts;
-            snap.labels.truncate(at);
-            snap.weights.truncate(at);
-            let job = Posterior::from_parts(snap)
-                .context("checkpoint posterior (refit snapshot)")?
-                .refit_job();
-            self.spawn_refit(job, at);
-        }
         Ok(())
     }
 
@@ -213,10 +161,10 @@ impl Engine {
     // Accessors
 
     pub fn posterior(&self) -> &Posterior {
-        &self.posterior
+        self.learner.posterior()
     }
     pub fn scaler(&self) -> &Scaler {
-        &self.scaler
+        self.learner.scaler()
     }
     pub fn pool_len(&self) -> usize {
         self.pool.len()
@@ -239,7 +187,7 @@ impl Engine {
         self.ledger.request_scan_from()
     }
     pub fn refit_pending(&self) -> bool {
-        self.refit.is_some()
+        self.learner.refit_pending()
     }
     /// Drains what the engine wants published.
     pub fn take_outputs(&mut self) -> Vec<Output> {
@@ -288,46 +236,15 @@ impl Engine {
             self.m.responses_duplicate.increment(1);
             return false;
         }
-        if !self.scaler.is_frozen() {
-            let raw = &self.pool.newest().expect("just inserted").raw;
-            if let Err(e) = self.scaler.observe(raw) {
-                // Cannot happen for a decoded response (dimension and finiteness are checked); keep going.
-                tracing::warn!(error = %e, "warm-up sample rejected by the scaler");
-            }
-            self.m
-                .scaler_warmup_samples
-                .set(self.scaler.samples() as f64);
-            if self.scaler.samples() >= self.cfg.model.warmup_samples {
-                match self.scaler.freeze() {
-                    Ok(()) => self.on_scaler_frozen(),
-                    Err(e) => tracing::warn!(error = %e, "cannot freeze the scaler yet"),
-                }
-            }
+        let raw = &self.pool.newest().expect("just inserted").raw;
+        if self.learner.observe(raw) {
+            self.on_scaler_frozen();
         }
         true
     }
 
     fn on_scaler_frozen(&mut self) {
-        tracing::info!(
-            samples = self.scaler.samples(),
-            scaling = %self.scaler.scaling(),
-            "feature scaler frozen; selection can start"
-        );
-        self.m.scaler_frozen.set(1.0);
-        if self.cfg.model.prior_precision.is_auto() && self.posterior.labels_applied() == 0 {
-            let start = self
-                .cfg
-                .model
-                .prior_precision
-                .initial(self.pool_sq_spread());
-            match self.posterior.reset_prior_precision(start) {
-                Ok(()) => tracing::info!(
-                    prior_precision = start,
-                    "auto prior starts from the data's scale"
-                ),
-                Err(e) => tracing::warn!(error = %e, "cannot set the auto prior's starting value"),
-            }
-        }
+        self.learner.start_auto_prior(self.pool_sq_spread());
         // The scaler is part of the model: persist it before any request depends on it.
         self.dirty = true;
         self.checkpoint_now = true;
@@ -340,7 +257,7 @@ impl Engine {
         let mut rows = Vec::with_capacity(self.pool.len());
         let mut buf = vec![0.0; d];
         for (_, e) in self.pool.iter() {
-            if self.scaler.transform(&e.raw, &mut buf).is_ok() {
+            if self.learner.scaler().transform(&e.raw, &mut buf).is_ok() {
                 rows.push(buf.clone());
             }
         }
@@ -373,7 +290,7 @@ impl Engine {
     /// Whether a round should run now (see the module doc).
     pub fn round_due(&self, now_ms: i64) -> bool {
         let s = &self.cfg.selection;
-        self.scaler.is_frozen()
+        self.learner.scaler().is_frozen()
             && self.active_in_flight() < s.max_in_flight
             && self.pool.len() >= s.min_pool
             && self
@@ -423,7 +340,7 @@ impl Engine {
         // Start/finish events let the crash harness tell where a `kill -9` landed.
         tracing::debug!(pool = self.pool.len(), k, "selection round started");
         let d = self.cfg.model.dim;
-        if !self.scaler.is_frozen() {
+        if !self.learner.scaler().is_frozen() {
             return Ok(0);
         }
         let slots: Vec<(u64, &PoolEntry)> = self.pool.iter().collect();
@@ -433,7 +350,9 @@ impl Engine {
         let n = slots.len();
         let mut x = Mat::<f64>::zeros(d, n);
         for (j, (_, e)) in slots.iter().enumerate() {
-            self.scaler.transform(&e.raw, x.col_as_slice_mut(j))?;
+            self.learner
+                .scaler()
+                .transform(&e.raw, x.col_as_slice_mut(j))?;
         }
         let mut prompt_ids: HashMap<&str, u64> = HashMap::new();
         let prompts: Vec<u64> = slots
@@ -462,7 +381,7 @@ impl Engine {
             .map(|(_, e)| max_uses.saturating_sub(e.uses))
             .collect();
         let input = SelectionInput {
-            posterior: &self.posterior,
+            posterior: self.learner.posterior(),
             embeddings: x.as_ref(),
             candidates: &pairs,
             in_flight: &in_flight,
@@ -554,16 +473,12 @@ impl Engine {
             strategy: self.cfg.selection.strategy.name().to_string(),
             gain,
             predicted_p: p,
-            model_version: self.posterior.version(),
+            model_version: self.learner.posterior().version(),
             labels_wanted: self.cfg.selection.labels_per_request,
             issued_at_ms: now_ms,
             expires_at_ms: now_ms.saturating_add(ttl),
         };
-        let (va, vb) = (
-            self.scaler.transform_vec(&a.raw)?,
-            self.scaler.transform_vec(&b.raw)?,
-        );
-        let v = va.iter().zip(&vb).map(|(x, y)| x - y).collect();
+        let v = self.learner.difference(&a.raw, &b.raw)?;
         self.ledger
             .insert(InFlight::new(request.clone(), v, a.raw, b.raw, false));
         Ok(request)
@@ -574,7 +489,7 @@ impl Engine {
         &self,
         request: LabelRequest,
     ) -> std::result::Result<InFlight, Rejection> {
-        if !self.scaler.is_frozen() {
+        if !self.learner.scaler().is_frozen() {
             return Err(Rejection::new(
                 Reason::InvalidValue,
                 "request found but the feature scaler is not frozen (the checkpoint predates it)",
@@ -593,10 +508,10 @@ impl Engine {
                 ),
             ));
         }
-        let bad = |e: CoreError| Rejection::new(Reason::NonFinite, e.to_string());
-        let va = self.scaler.transform_vec(&raw_a).map_err(bad)?;
-        let vb = self.scaler.transform_vec(&raw_b).map_err(bad)?;
-        let v = va.iter().zip(&vb).map(|(x, y)| x - y).collect();
+        let v = self
+            .learner
+            .difference(&raw_a, &raw_b)
+            .map_err(|e| Rejection::new(Reason::NonFinite, e.to_string()))?;
         // From a checkpoint (which holds only delivered requests) or from the topic itself: delivered.
         Ok(InFlight::new(request, v, raw_a, raw_b, true))
     }
@@ -739,131 +654,42 @@ impl Engine {
             }
             Join::Apply(f) => f,
         };
-        let started = Instant::now();
-        let report = self.posterior.update(&f.v, label.y).map_err(|e| {
+        self.learner.apply(&f.v, label.y).map_err(|e| {
             Rejection::new(
                 Reason::InvalidValue,
                 format!("label cannot be applied: {e}"),
             )
         })?;
-        self.m
-            .update_duration
-            .record(started.elapsed().as_secs_f64());
-        if report.refactored {
-            tracing::warn!(request = %id, "rank-one update hit a non-positive pivot; factor rebuilt");
-        }
         let latency = (timestamp_ms - f.request.issued_at_ms).max(0) as f64 / 1000.0;
         self.m.label_latency.record(latency);
         let apply_delay_ms = apply_delay_ms(timestamp_ms, wall_ms());
         self.m.label_apply_delay.record(apply_delay_ms / 1000.0);
         self.m.labels_applied.increment(1);
-        tracing::debug!(request = %id, apply_delay_ms, labels_applied = self.posterior.labels_applied(), "label applied");
+        tracing::debug!(request = %id, apply_delay_ms, labels_applied = self.learner.posterior().labels_applied(), "label applied");
         let closed = self.ledger.record_label(&id, annotator);
         self.labels_since_checkpoint += 1;
         self.labels_since_export += 1;
-        self.after_label();
+        self.update_gauges();
         Ok(LabelOutcome::Applied {
             request_id: id,
             closed,
         })
     }
 
-    /// Consolidation and refit cadence, at deterministic label counts.
-    fn after_label(&mut self) {
-        if self.posterior.label_count() > self.cfg.model.max_labels {
-            self.finish_refit(true);
-            self.posterior.consolidate();
-            self.m.consolidations.increment(1);
-            tracing::info!(
-                labels_applied = self.posterior.labels_applied(),
-                "label store folded into the prior"
-            );
-        }
-        if crate::posterior::refit_due(self.posterior.labels_applied(), self.cfg.model.refit_every)
-        {
-            self.finish_refit(true);
-            if self.posterior.label_count() > 0 {
-                let at = self.posterior.label_count();
-                self.spawn_refit(self.posterior.refit_job(), at);
-            }
-        }
-        self.update_gauges();
-    }
-
-    fn spawn_refit(&mut self, job: crate::posterior::RefitJob, at: usize) {
-        let (tx, rx) = mpsc::channel();
-        let prior = self.cfg.model.prior_precision;
-        let spawned = std::thread::Builder::new()
-            .name("armd-refit".into())
-            .spawn(move || {
-                let _ = tx.send(match prior {
-                    PriorSetting::Auto => {
-                        job.run_evidence(RefitOptions::default(), &EvidenceOptions::default())
-                    }
-                    PriorSetting::Fixed(_) => job.run(RefitOptions::default()),
-                });
-            });
-        match spawned {
-            Ok(_) => {
-                self.refit = Some(PendingRefit {
-                    at,
-                    started: now_instant(),
-                    rx,
-                })
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot start the refit thread; skipping this refit")
-            }
-        }
-    }
-
-    /// Installs a finished refit. With `wait`, blocks until the pending one finishes.
-    fn finish_refit(&mut self, wait: bool) {
-        let Some(p) = &self.refit else { return };
-        let result = if wait {
-            p.rx.recv().map_err(|_| ())
-        } else {
-            match p.rx.try_recv() {
-                Ok(r) => Ok(r),
-                Err(mpsc::TryRecvError::Empty) => return,
-                Err(mpsc::TryRecvError::Disconnected) => Err(()),
-            }
-        };
-        let p = self.refit.take().expect("checked above");
-        match result {
-            Ok(Ok(outcome)) => {
-                let report = outcome.report;
-                match self.posterior.install_refit(outcome) {
-                    Ok(()) => {
-                        self.m.refits.increment(1);
-                        self.m
-                            .refit_duration
-                            .record(p.started.elapsed().as_secs_f64());
-                        self.dirty = true;
-                        tracing::debug!(
-                            labels = report.labels,
-                            iterations = report.iterations,
-                            at = p.at,
-                            "refit installed"
-                        );
-                    }
-                    Err(e) => tracing::error!(error = %e, "refit could not be installed"),
-                }
-            }
-            Ok(Err(e)) => tracing::error!(error = %e, "refit failed; the online posterior stays"),
-            Err(()) => tracing::error!("refit thread died"),
-        }
-        self.update_gauges();
-    }
-
     /// Installs a finished refit, if any (never blocks).
     pub fn poll_refit(&mut self) {
-        self.finish_refit(false);
+        if self.learner.poll_refit() {
+            self.dirty = true;
+            self.update_gauges();
+        }
     }
 
     /// Blocks until a pending refit is installed (tests, replays).
     pub fn wait_refit(&mut self) {
-        self.finish_refit(true);
+        if self.learner.wait_refit() {
+            self.dirty = true;
+            self.update_gauges();
+        }
     }
 
     // ---------------------------------------------------------------------------------------------
@@ -889,17 +715,12 @@ impl Engine {
         self.labels_since_checkpoint = 0;
         self.dirty = false;
         self.checkpoint_now = false;
-        let scaler = self.scaler.is_frozen().then(|| ScalerState {
-            scaling: self.scaler.scaling(),
-            mean: self.scaler.mean().to_vec(),
-            inv_std: self.scaler.inv_std().to_vec(),
-        });
         Checkpoint {
             instance_id: self.cfg.daemon.instance_id.clone(),
             written_at_ms: now_ms,
-            posterior: self.posterior.to_parts(),
-            scaler,
-            pending_refit: self.refit.as_ref().map(|p| p.at as u64),
+            posterior: self.learner.posterior().to_parts(),
+            scaler: self.learner.scaler_state(),
+            pending_refit: self.learner.pending_refit_at(),
             next_sequence: self.ledger.next_sequence(),
             label_offsets: self.label_offsets.iter().map(|(&p, &o)| (p, o)).collect(),
             request_scan_from: self
@@ -925,50 +746,7 @@ impl Engine {
 
     /// The current model as a snapshot (raw-space weights when the scaling folds).
     pub fn snapshot(&self, now_ms: i64) -> ModelSnapshot {
-        let p = &self.posterior;
-        let theta = p.theta().to_vec();
-        let folded = if self.scaler.is_frozen() {
-            self.scaler.fold_into_linear_head(&theta).ok()
-        } else {
-            None
-        };
-        let (weights, bias, mean, inv_std) = match folded {
-            Some((w, b)) => (Some(w), Some(b), None, None),
-            None => (
-                None,
-                None,
-                Some(self.scaler.mean().to_vec()),
-                Some(self.scaler.inv_std().to_vec()),
-            ),
-        };
-        let l = p.cholesky();
-        let d = p.dim();
-        let precision_diagonal = precision_diagonal(l);
-        let pq = p.prequential();
-        ModelSnapshot {
-            schema: MODEL_SCHEMA.to_string(),
-            instance_id: self.cfg.daemon.instance_id.clone(),
-            version: p.version(),
-            labels_applied: p.labels_applied(),
-            labels_stored: p.label_count() as u64,
-            dim: d,
-            scaling: self.scaler.scaling().name().to_string(),
-            theta,
-            weights,
-            bias,
-            scaler_mean: mean,
-            scaler_inv_std: inv_std,
-            prior_precision: p.prior_precision(),
-            log_det: p.log_det(),
-            precision_diagonal,
-            prequential: PrequentialSummary {
-                labels: pq.labels,
-                log_loss: pq.log_loss(),
-                accuracy: pq.accuracy(),
-            },
-            created_at_ms: now_ms,
-            npy_file: None,
-        }
+        self.learner.snapshot(&self.cfg.daemon.instance_id, now_ms)
     }
 
     /// Exports the model: files under `export.dir` and/or an [`Output::Model`]. File errors are returned
@@ -987,34 +765,18 @@ impl Engine {
         result
     }
 
-    /// Refreshes the model gauges.
+    /// Refreshes the pool, in-flight and model gauges.
     pub fn update_gauges(&self) {
-        let p = &self.posterior;
         self.m.pool_responses.set(self.pool.len() as f64);
         self.m
             .requests_in_flight
             .set(self.active_in_flight() as f64);
-        self.m.log_det.set(p.log_det());
-        if let Some(l) = p.prior_precision() {
-            self.m.prior_precision.set(l);
-        }
-        self.m.model_version.set(p.version() as f64);
-        self.m.model_labels_applied.set(p.labels_applied() as f64);
-        self.m.model_labels_stored.set(p.label_count() as f64);
-        self.m
-            .scaler_frozen
-            .set(if self.scaler.is_frozen() { 1.0 } else { 0.0 });
-        if let Some(l) = p.prequential().log_loss() {
-            self.m.prequential_log_loss.set(l);
-        }
-        if let Some(a) = p.prequential().accuracy() {
-            self.m.prequential_accuracy.set(a);
-        }
+        self.learner.update_gauges();
     }
 
     /// The posterior's parts (for replay comparisons in tests).
     pub fn posterior_parts(&self) -> PosteriorParts {
-        self.posterior.to_parts()
+        self.learner.posterior().to_parts()
     }
 
     /// Metadata of a pooled response, for tests.
@@ -1024,20 +786,6 @@ impl Engine {
             .find(|(_, e)| &*e.prompt_id == prompt_id && &*e.response_id == response_id)
             .and_then(|(_, e)| e.metadata.as_ref().map(|m| m.to_value()))
     }
-}
-
-/// diag(H)_i = Σ_j L_ij², the squared row norms of the Cholesky factor, summed column by column: the
-/// factor is column-major, and walking its rows took a cache miss per element. At d = 2048 that was
-/// 17–18 ms of the engine thread per export, by columns 1.8–2.5 ms (both loops timed in one release
-/// test run on this project's 2-core machine, 2026-11-27).
-fn precision_diagonal(l: MatRef<'_, f64>) -> Vec<f64> {
-    let mut diag = vec![0.0; l.nrows()];
-    for j in 0..l.ncols() {
-        for (i, h) in diag.iter_mut().enumerate().skip(j) {
-            *h += l[(i, j)] * l[(i, j)];
-        }
-    }
-    diag
 }
 
 #[cfg(test)]

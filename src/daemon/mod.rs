@@ -14,6 +14,7 @@
 //! - [`messages`]: wire schemas (`armd.<kind>.v1`) and decoders with stable rejection reasons.
 //! - [`engine`]: the single owner of model state (pool, in-flight requests, posterior, refits); pure logic.
 //! - [`ledger`]: the requests in flight and closed, and the rules of the label join, expiry and recovery.
+//! - [`learner`]: the feature scaler, the posterior and its update, refits and consolidation.
 //! - [`pool`]: the bounded candidate pool.
 //! - [`checkpoint`]: the atomic, versioned, checksummed state file; exactly-once for labels.
 //! - [`export`]: `.npy` + JSON model files.
@@ -54,6 +55,7 @@ pub mod ingest;
 pub mod input;
 pub mod kafka;
 pub mod labels;
+pub mod learner;
 pub mod ledger;
 pub mod messages;
 pub mod pool;

@@ -1,8 +1,10 @@
 //! Engine rules without Kafka: the engine is driven with messages and a clock.
 
 use super::*;
+use crate::daemon::learner::precision_diagonal;
 use crate::daemon::messages::{parse_request_id, Metadata, LABEL_SCHEMA};
 use crate::daemon::telemetry::Telemetry;
+use crate::posterior::{EvidenceOptions, RefitOptions};
 use rand::Rng;
 
 const D: usize = 6;
