@@ -200,9 +200,14 @@ impl Driver {
             .set(self.last_success.elapsed().as_secs_f64());
     }
 
+    /// Exports the model: the snapshot from the engine, its files written here (a failed write is logged
+    /// and the daemon goes on; the next export writes them again).
     fn export(&mut self, now: i64) {
-        if let Err(e) = self.engine.export(now) {
-            tracing::error!(error = %format!("{e:#}"), "model export failed");
+        let snap = self.engine.export(now);
+        if let Some(dir) = &self.cfg.export.dir {
+            if let Err(e) = super::export::write_model_files(dir, &snap) {
+                tracing::error!(error = %format!("{e:#}"), "model export failed");
+            }
         }
     }
 

@@ -749,20 +749,17 @@ impl Engine {
         self.learner.snapshot(&self.cfg.daemon.instance_id, now_ms)
     }
 
-    /// Exports the model: files under `export.dir` and/or an [`Output::Model`]. File errors are returned
-    /// (the caller logs them; the daemon keeps running).
-    pub fn export(&mut self, now_ms: i64) -> Result<()> {
+    /// Takes an export: resets the export cadence and returns the snapshot, also queued as an
+    /// [`Output::Model`] when `export.publish` is set. Writing `export.dir` is the caller's (file I/O stays
+    /// out of the engine).
+    pub fn export(&mut self, now_ms: i64) -> ModelSnapshot {
         self.labels_since_export = 0;
         let snap = self.snapshot(now_ms);
         self.m.exports.increment(1);
-        let result = match &self.cfg.export.dir {
-            Some(dir) => super::export::write_model_files(dir, &snap),
-            None => Ok(()),
-        };
         if self.cfg.export.publish {
-            self.outbox.push(Output::Model(Box::new(snap)));
+            self.outbox.push(Output::Model(Box::new(snap.clone())));
         }
-        result
+        snap
     }
 
     /// Refreshes the pool, in-flight and model gauges.
