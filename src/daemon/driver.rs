@@ -224,16 +224,8 @@ impl Driver {
                     requests += 1;
                 }
                 Output::DeadLetter(d) => {
-                    let json = serde_json::to_vec(&d).expect("serialisable");
-                    let key = format!(
-                        "{}-{}-{}",
-                        d.source.topic, d.source.partition, d.source.offset
-                    );
-                    if self.publisher.send(&t.dead_letter, &key, &json) {
-                        self.metrics.dead_letters.increment(1);
-                    } else {
-                        self.metrics.publish_failures_dead_letter.increment(1);
-                    }
+                    self.publisher
+                        .send_dead_letter(&t.dead_letter, &d, &self.metrics)
                 }
                 Output::Model(s) => {
                     let json = serde_json::to_vec(&s).expect("serialisable");

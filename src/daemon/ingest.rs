@@ -179,12 +179,5 @@ fn dead_letter(
         cfg.pool.dead_letter_payload_bytes,
         now_ms(),
     );
-    let json = serde_json::to_vec(&dl).expect("serialisable");
-    let key = format!(
-        "{}-{}-{}",
-        dl.source.topic, dl.source.partition, dl.source.offset
-    );
-    if publisher.send(&cfg.kafka.topics.dead_letter, &key, &json) {
-        m.dead_letters.increment(1);
-    }
+    publisher.send_dead_letter(&cfg.kafka.topics.dead_letter, &dl, m);
 }

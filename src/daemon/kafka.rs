@@ -20,6 +20,7 @@ use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, T
 use rdkafka::statistics::Statistics;
 
 use super::config::Config;
+use super::messages::DeadLetter;
 use super::telemetry::Metrics;
 
 /// Which client a context belongs to (for health and lag).
@@ -369,6 +370,21 @@ impl Publisher {
             .create_with_context(ctx)
             .map_err(|e| anyhow::anyhow!("cannot create the Kafka producer: {e}"))?;
         Ok(Self { producer })
+    }
+
+    /// Publishes a dead letter (of a response or a label: one path for both) to `topic`, keyed by its
+    /// source position, and counts it in `armd_dead_letters_total` (or the publish failure).
+    pub fn send_dead_letter(&self, topic: &str, dl: &DeadLetter, m: &Metrics) {
+        let json = serde_json::to_vec(dl).expect("serialisable");
+        let key = format!(
+            "{}-{}-{}",
+            dl.source.topic, dl.source.partition, dl.source.offset
+        );
+        if self.send(topic, &key, &json) {
+            m.dead_letters.increment(1);
+        } else {
+            m.publish_failures_dead_letter.increment(1);
+        }
     }
 
     /// Enqueues one message; waits while the local queue is full. Returns false when the message was
