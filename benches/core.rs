@@ -1,5 +1,6 @@
 //! Numeric-core benchmarks, each next to the baseline it is reported against (BENCHMARKS.md):
-//! - one-label update vs one dense d×d matrix–vector product (its memory-bound floor);
+//! - one-label update vs one dense d×d matrix–vector product (its memory-bound floor), and queued labels
+//!   applied as one exact batch (`update_many`, `MAX_BATCH` labels per iteration);
 //! - greedy-dopt selection vs the single triangular solve that whitens the pool (its floor), and the paper's
 //!   dopt rule implemented naively (materialised candidate Fisher matrix) on the same candidates;
 //! - whitening the default pool (N = 4096): the low-rank form the posterior uses while fewer than d/4
@@ -32,6 +33,19 @@ fn bench_update(c: &mut Criterion) {
             b.iter(|| {
                 i = (i + 1) % vs.len();
                 black_box(post.update(&vs[i], (i % 2) as f64).unwrap());
+            })
+        });
+        // Queued labels applied as one exact batch (`update_many`): the time of MAX_BATCH labels.
+        let n = armd::posterior::MAX_BATCH;
+        let mut j = 0;
+        g.bench_with_input(BenchmarkId::new(format!("batch{n}"), d), &d, |b, _| {
+            b.iter(|| {
+                j = (j + n) % (vs.len() - n);
+                let labels = vs[j..j + n]
+                    .iter()
+                    .enumerate()
+                    .map(|(k, v)| (v.as_slice(), (k % 2) as f64));
+                black_box(post.update_many(labels).unwrap());
             })
         });
         let a = Mat::<f64>::from_fn(d, d, |i, j| ((i * 31 + j * 17) % 97) as f64);

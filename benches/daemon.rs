@@ -377,7 +377,8 @@ fn armd_ingest(cfg: Config, n: usize) -> Rate {
     let mut times0 = ThreadTimes::new();
     let mut rounds0 = (0.0, 0.0);
     // Each scrape renders the whole exposition on one of the daemon's tokio workers: polling every 20 ms
-    // kept that worker 2–3 % busy in the d = 768 no-rounds window, paced 1–2 % (BENCHMARKS.md "Daemon").
+    // kept that worker 2–3 % busy in the d = 768 no-rounds window, paced 1–2 % (docs/bench/history.md,
+    // "Daemon" §1).
     // Once the rate is known, the bench sleeps half the predicted remaining time (at most 500 ms), so
     // the end is still caught within 20 ms.
     let fine = Duration::from_millis(20);

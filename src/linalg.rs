@@ -11,6 +11,9 @@ use faer::linalg::triangular_solve::{
 };
 use faer::{Accum, Mat, MatMut, MatRef, Par, Side};
 
+mod label_update;
+pub use label_update::{BatchUpdate, UpdateWork};
+
 /// Parallelism for matrix–matrix work (whitening a pool, Gram products, refits). Single-vector work is
 /// memory bound and runs sequentially (faer is 1.3–1.9× slower with two threads there).
 pub fn matrix_par() -> Par {
@@ -70,8 +73,9 @@ pub fn zero_strict_upper(mut m: MatMut<'_, f64>) {
     }
 }
 
-/// `L Lᵀ ← L Lᵀ + w v vᵀ` in place, O(d²). Returns `false` on a non-positive pivot, in which case `l`
-/// is partly modified and must be rebuilt by the caller.
+/// `L Lᵀ ← L Lᵀ + w v vᵀ` in place with faer's rank-one update, O(d²). Returns `false` on a non-positive
+/// pivot, in which case `l` is partly modified and must be rebuilt by the caller. The posterior's label
+/// update uses the fused [`UpdateWork`] passes; this is the reference they are tested against.
 pub fn rank_one_update(l: &mut Mat<f64>, v: &[f64], w: f64) -> bool {
     let d = l.nrows();
     let mut work = Mat::<f64>::from_fn(d, 1, |i, _| v[i]);
@@ -155,9 +159,30 @@ pub fn dot(a: &[f64], b: &[f64]) -> f64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use rand::{rngs::StdRng, Rng, SeedableRng};
+
+    /// Largest absolute difference relative to the largest entry of `b`.
+    pub(crate) fn max_rel(a: &[f64], b: &[f64]) -> f64 {
+        let scale = b.iter().fold(0.0f64, |m, x| m.max(x.abs())).max(1e-300);
+        a.iter()
+            .zip(b)
+            .fold(0.0f64, |m, (x, y)| m.max((x - y).abs()))
+            / scale
+    }
+
+    /// A random SPD matrix `Q diag(λ) Qᵀ` with eigenvalues log-spaced from `lo` to `hi`.
+    pub(crate) fn spd_with_spectrum(d: usize, lo: f64, hi: f64, rng: &mut StdRng) -> Mat<f64> {
+        let a = Mat::<f64>::from_fn(d, d, |_, _| rng.random_range(-1.0..1.0));
+        let q = a.qr().compute_Q();
+        let e: Vec<f64> = (0..d)
+            .map(|i| lo * (hi / lo).powf(i as f64 / (d.max(2) - 1) as f64))
+            .collect();
+        Mat::<f64>::from_fn(d, d, |i, j| {
+            (0..d).map(|k| q[(i, k)] * e[k] * q[(j, k)]).sum()
+        })
+    }
 
     /// A random SPD matrix `A Aᵀ + d I`.
     pub(crate) fn random_spd(d: usize, rng: &mut StdRng) -> Mat<f64> {

@@ -7,7 +7,8 @@
 //! Labels enter in two ways:
 //! - [`Posterior::update`]: the exact one-label step. The new mode lies on the line `θ + c·H⁻¹v`, where the
 //!   scalar `c` solves `c = y − σ(m + c·s)` (`m = θᵀv`, `s = vᵀH⁻¹v`); then `H ← H + w′vvᵀ` with `w′` the Fisher
-//!   weight at the new mode, a rank-one Cholesky update. O(d²) per label.
+//!   weight at the new mode, a rank-one Cholesky update. O(d²) per label, in two passes over `L`
+//!   ([`linalg::UpdateWork`]); labels that queued up can share the passes ([`Posterior::update_many`]).
 //! - [`Posterior::refit`] / [`RefitJob`]: Newton/IRLS from the prior over every stored label. The online step
 //!   linearises each label once, so old weights go stale as `θ` moves; the refit recomputes the exact MAP.
 //!   It can run on another thread from a cheap snapshot; labels applied meanwhile are re-applied on top.
@@ -18,8 +19,8 @@ use faer::{Mat, MatRef};
 
 use crate::error::{check_dim, check_finite, CoreError};
 use crate::linalg::{
-    self, add_weighted_gram_lower, cholesky_lower, dot, label_nll, log_det_from_cholesky,
-    rank_one_update, sigmoid, solve_lower, solve_lower_transpose,
+    self, add_weighted_gram_lower, cholesky_lower, dot, label_nll, log_det_from_cholesky, sigmoid,
+    solve_lower, solve_lower_transpose, BatchUpdate, UpdateWork,
 };
 
 /// Prior precision: isotropic `λ₀ I` (the usual case) or a dense matrix (warm start from an exported model,
@@ -434,6 +435,8 @@ pub struct Posterior {
     labels_applied: u64,
     refactorizations: u64,
     prequential: Prequential,
+    /// Buffers of the one-label update (not part of the model's state).
+    work: UpdateWork,
 }
 
 impl Posterior {
@@ -474,6 +477,7 @@ impl Posterior {
             labels_applied: 0,
             refactorizations: 0,
             prequential: Prequential::default(),
+            work: UpdateWork::default(),
         })
     }
 
@@ -586,46 +590,131 @@ impl Posterior {
         self.check_vector(v)?;
         let label = Label::new(v.to_vec(), y)?;
         let report = self.apply_online(&label)?;
-        self.prequential.record(report.predicted.p, y);
-        self.labels.push(Arc::new(label));
-        self.weights.push(report.weight);
-        self.labels_applied += 1;
-        self.version += 1;
+        self.record(label, &report);
         Ok(report)
     }
 
-    /// Applies several labels in order; stops at the first invalid one (the earlier ones stay applied).
+    /// Applies several labels in order, exactly as one [`Self::update`] after another (to rounding), but in
+    /// batches of up to [`MAX_BATCH`] with two passes over the factor per batch instead of per label
+    /// ([`BatchUpdate`]). Stops at the first invalid label (the earlier ones stay applied).
     pub fn update_many<'a>(
         &mut self,
         labels: impl IntoIterator<Item = (&'a [f64], f64)>,
     ) -> Result<Vec<UpdateReport>, CoreError> {
-        labels.into_iter().map(|(v, y)| self.update(v, y)).collect()
+        let mut reports = Vec::new();
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        for (v, y) in labels {
+            let label = self
+                .check_vector(v)
+                .and_then(|()| Label::new(v.to_vec(), y));
+            match label {
+                Ok(label) => batch.push(label),
+                Err(e) => {
+                    self.apply_batch(batch, &mut reports)?;
+                    return Err(e);
+                }
+            }
+            if batch.len() == MAX_BATCH {
+                self.apply_batch(std::mem::take(&mut batch), &mut reports)?;
+            }
+        }
+        self.apply_batch(batch, &mut reports)?;
+        Ok(reports)
     }
 
-    /// The exact mode step plus rank-one update; does not touch the label store.
+    /// Applies validated labels in order with one [`BatchUpdate`] (one label: [`Self::apply_online`]).
+    fn apply_batch(
+        &mut self,
+        batch: Vec<Label>,
+        reports: &mut Vec<UpdateReport>,
+    ) -> Result<(), CoreError> {
+        let first = reports.len();
+        if batch.len() <= 1 {
+            for label in batch {
+                let report = self.apply_online(&label)?;
+                self.record(label, &report);
+                reports.push(report);
+            }
+            return Ok(());
+        }
+        let vs: Vec<&[f64]> = batch.iter().map(|l| l.v.as_slice()).collect();
+        let mut work = BatchUpdate::forward(self.chol.as_ref(), &vs);
+        for label in &batch {
+            let (shift, s) = work.whiten_next();
+            // The margin under the mode after the earlier labels of the batch.
+            let m = dot(&self.theta, &label.v) + shift;
+            let c = solve_step(m, s, label.y);
+            let p_new = sigmoid(m + c * s);
+            let weight = p_new * (1.0 - p_new);
+            work.set_step(c, weight);
+            reports.push(UpdateReport {
+                predicted: Prediction {
+                    mean: m,
+                    variance: s,
+                    p: sigmoid(m),
+                },
+                step: c,
+                weight,
+                refactored: false,
+            });
+        }
+        let updated = work.backward_update(&mut self.chol) && !pivot_failure_injected();
+        for (c, h) in work.directions() {
+            for (t, h) in self.theta.iter_mut().zip(h) {
+                *t += c * h;
+            }
+        }
+        for (label, report) in batch.into_iter().zip(&reports[first..]) {
+            self.record(label, report);
+        }
+        if !updated {
+            // As in `apply_online`; the factor now holds every label of the batch.
+            self.refactorizations += 1;
+            reports.last_mut().expect("a batch has labels").refactored = true;
+            self.chol = self.rebuild_factor(None)?;
+        }
+        Ok(())
+    }
+
+    /// The label store's and the counters' side of an applied label.
+    fn record(&mut self, label: Label, report: &UpdateReport) {
+        self.prequential.record(report.predicted.p, label.y);
+        self.labels.push(Arc::new(label));
+        self.weights.push(report.weight);
+        self.labels_applied += 1;
+        self.version += 1;
+    }
+
+    /// The exact mode step plus rank-one update; does not touch the label store. Two passes over the
+    /// factor ([`UpdateWork`]): the forward solve gives `s` (hence the step and the Fisher weight), then one
+    /// backward pass gives `H⁻¹v` from the old factor while it writes the updated one.
     fn apply_online(&mut self, label: &Label) -> Result<UpdateReport, CoreError> {
         let v = &label.v;
         let y = label.y;
         let m = dot(&self.theta, v);
-        let mut hv = v.clone();
-        solve_lower(self.chol.as_ref(), &mut hv);
-        let s = dot(&hv, &hv);
-        solve_lower_transpose(self.chol.as_ref(), &mut hv); // hv = H⁻¹ v
+        let s = self.work.forward(self.chol.as_ref(), v);
         let predicted = Prediction {
             mean: m,
             variance: s,
             p: sigmoid(m),
         };
         let c = solve_step(m, s, y);
-        for (t, h) in self.theta.iter_mut().zip(&hv) {
-            *t += c * h;
-        }
         let p_new = sigmoid(m + c * s);
         let weight = p_new * (1.0 - p_new);
+        let updated = if weight > 0.0 {
+            self.work.backward_update(&mut self.chol, weight) && !pivot_failure_injected()
+        } else {
+            self.work.backward(self.chol.as_ref());
+            true
+        };
+        for (t, h) in self.theta.iter_mut().zip(self.work.direction()) {
+            *t += c * h; // work.direction() = H⁻¹v with the factor before this label
+        }
         let mut refactored = false;
-        if weight > 0.0 && !rank_one_update(&mut self.chol, v, weight) {
-            // Mathematically impossible for w > 0; numerically possible on an ill-conditioned H.
-            // Rebuild H from the prior and the stored weights, then factor afresh.
+        if !updated {
+            // Every pivot of the fused update is ≥ the old one for finite input; a non-finite or
+            // non-positive one means the factor was already unusable. Rebuild H from the prior and the
+            // stored weights, then factor afresh.
             self.refactorizations += 1;
             refactored = true;
             self.chol = self.rebuild_factor(Some((v, weight)))?;
@@ -884,6 +973,7 @@ impl Posterior {
             labels_applied: p.labels_applied,
             refactorizations: p.refactorizations,
             prequential: p.prequential,
+            work: UpdateWork::default(),
         })
     }
 }
@@ -896,6 +986,29 @@ pub fn refit_due(applied: u64, every: u64) -> bool {
     every > 0
         && applied > 0
         && (applied % every == 0 || (applied >= 32 && applied < every && applied.is_power_of_two()))
+}
+
+/// Largest batch [`Posterior::update_many`] applies with one [`BatchUpdate`]: the factor is read and written
+/// once per batch, while the work done in cache per label (its step on each column, O(n·d) vector work)
+/// and the `2n` work vectors grow with `n`.
+pub const MAX_BATCH: usize = 16;
+
+// Tests set this to send the next label updates down the refactorisation path (which finite input
+// cannot reach otherwise).
+#[cfg(test)]
+thread_local! {
+    static INJECT_PIVOT_FAILURE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+#[cfg(test)]
+fn pivot_failure_injected() -> bool {
+    INJECT_PIVOT_FAILURE.with(|f| f.get())
+}
+
+#[cfg(not(test))]
+#[inline(always)]
+fn pivot_failure_injected() -> bool {
+    false
 }
 
 /// Solves `c = y − σ(m + c·s)` for the step length. The left side minus the right is strictly increasing in

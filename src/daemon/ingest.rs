@@ -56,7 +56,8 @@ pub fn consumer(
 
 /// Most responses handed to the engine in one message. Batching matters on a busy stream: one channel
 /// hand-off per response cost a thread wake-up (and often a preemption) per message, more than the
-/// decode itself at d = 768 (BENCHMARKS.md "Daemon"). At most this many payloads are held at once.
+/// decode itself at d = 768 (docs/bench/history.md, "Daemon" §1). At most this many payloads are held
+/// at once.
 pub const RESPONSE_BATCH: usize = 128;
 
 /// Polls until `stop`; then commits the stored offsets.

@@ -4,6 +4,7 @@
 #![allow(clippy::needless_range_loop)]
 
 use super::*;
+use crate::linalg::tests::{max_rel, spd_with_spectrum};
 use proptest::prelude::*;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
@@ -70,14 +71,6 @@ fn trained(d: usize, n: usize, seed: u64) -> (Posterior, StdRng) {
         p.update(&v, y).unwrap();
     }
     (p, rng)
-}
-
-fn max_rel(a: &[f64], b: &[f64]) -> f64 {
-    let scale = b.iter().fold(0.0f64, |m, x| m.max(x.abs())).max(1e-300);
-    a.iter()
-        .zip(b)
-        .fold(0.0f64, |m, (x, y)| m.max((x - y).abs()))
-        / scale
 }
 
 #[test]
@@ -643,4 +636,470 @@ fn factor_rebuild_while_a_refit_is_reinstalled_reads_only_the_labels_it_holds() 
         err < 1e-12,
         "rebuilt H differs from the dense reference: {err}"
     );
+}
+
+// ---- The fused one-label update against the implementation it replaced ----
+
+/// The one-label update as it was before the fused passes over the factor: two faer triangular solves,
+/// then faer's rank-one update, refactorising from the stored weights on a non-positive pivot (or always,
+/// with `force_refactor`). `update` is checked against it.
+fn update_reference(p: &mut Posterior, v: &[f64], y: f64, force_refactor: bool) -> UpdateReport {
+    let label = Label::new(v.to_vec(), y).unwrap();
+    let m = dot(&p.theta, v);
+    let mut hv = v.to_vec();
+    solve_lower(p.chol.as_ref(), &mut hv);
+    let s = dot(&hv, &hv);
+    solve_lower_transpose(p.chol.as_ref(), &mut hv); // hv = H⁻¹ v
+    let predicted = Prediction {
+        mean: m,
+        variance: s,
+        p: sigmoid(m),
+    };
+    let c = solve_step(m, s, y);
+    for (t, h) in p.theta.iter_mut().zip(&hv) {
+        *t += c * h;
+    }
+    let p_new = sigmoid(m + c * s);
+    let weight = p_new * (1.0 - p_new);
+    let mut refactored = false;
+    if weight > 0.0 && (!crate::linalg::rank_one_update(&mut p.chol, v, weight) || force_refactor) {
+        p.refactorizations += 1;
+        refactored = true;
+        p.chol = p.rebuild_factor(Some((v, weight))).unwrap();
+    }
+    p.prequential.record(predicted.p, y);
+    p.labels.push(Arc::new(label));
+    p.weights.push(weight);
+    p.labels_applied += 1;
+    p.version += 1;
+    UpdateReport {
+        predicted,
+        step: c,
+        weight,
+        refactored,
+    }
+}
+
+fn rel_diff(a: f64, b: f64, scale: f64) -> f64 {
+    (a - b).abs() / scale.max(1e-300)
+}
+
+/// θ, the factor and the predictions of `new` equal those of `old` to `tol` relative.
+fn assert_same_posterior(
+    new: &Posterior,
+    old: &Posterior,
+    probes: &[Vec<f64>],
+    tol: f64,
+    what: &str,
+) {
+    let e = max_rel(new.theta(), old.theta());
+    assert!(e <= tol, "{what}: θ differs by {e:e}");
+    let e = (&new.chol - &old.chol).norm_l2() / old.chol.norm_l2();
+    assert!(e <= tol, "{what}: factor differs by {e:e}");
+    let e = max_rel(&new.weights, &old.weights);
+    assert!(e <= tol, "{what}: Fisher weights differ by {e:e}");
+    assert_eq!(new.refactorizations, old.refactorizations, "{what}");
+    let theta_norm = old.theta().iter().map(|x| x * x).sum::<f64>().sqrt();
+    for v in probes {
+        let (a, b) = (new.predict(v).unwrap(), old.predict(v).unwrap());
+        let v_norm = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+        let e = rel_diff(a.mean, b.mean, theta_norm * v_norm);
+        assert!(e <= tol, "{what}: predicted mean differs by {e:e}");
+        let e = rel_diff(a.variance, b.variance, b.variance);
+        assert!(e <= tol, "{what}: predicted variance differs by {e:e}");
+    }
+}
+
+/// `‖θ‖·‖v‖`, at least 1: the scale of a margin `θᵀv` and of its rounding error.
+fn margin_scale(p: &Posterior, v: &[f64]) -> f64 {
+    let norm = |x: &[f64]| x.iter().map(|t| t * t).sum::<f64>().sqrt();
+    (norm(p.theta()) * norm(v)).max(1.0)
+}
+
+/// The reports of one label agree; `scale` is [`margin_scale`] before the label.
+fn assert_same_report(a: &UpdateReport, b: &UpdateReport, scale: f64, tol: f64, what: &str) {
+    assert_eq!(a.refactored, b.refactored, "{what}");
+    let e = rel_diff(a.predicted.mean, b.predicted.mean, scale);
+    assert!(e <= tol, "{what}: margin differs by {e:e}");
+    let e = rel_diff(
+        a.predicted.variance,
+        b.predicted.variance,
+        b.predicted.variance,
+    );
+    assert!(e <= tol, "{what}: s differs by {e:e}");
+    let e = rel_diff(a.step, b.step, b.step.abs().max(1e-3));
+    assert!(e <= tol, "{what}: step differs by {e:e}");
+    // The weight relative to its largest value, ¼. (Relative to itself it is only as accurate as the
+    // new margin m + c·s, and the step solver stops at |Δc| ≈ 1e-16, which is Δ(c·s) ≈ 1e-10 at s = 1e6.)
+    let e = rel_diff(a.weight, b.weight, 0.25);
+    assert!(e <= tol, "{what}: weight differs by {e:e}");
+}
+
+/// A dense prior `Q diag(λ) Qᵀ` with eigenvalues from `lo` to `hi` (log-spaced).
+fn dense_prior(d: usize, lo: f64, hi: f64, rng: &mut StdRng) -> Prior {
+    let h = spd_with_spectrum(d, lo, hi, rng);
+    Prior {
+        mean: random_vec(d, 0.5, rng),
+        precision: PriorPrecision::Dense(h),
+    }
+}
+
+/// Applies the same labels through `update` and through [`update_reference`], comparing every report and,
+/// every few labels, the whole posterior. Returns the condition number of the final precision.
+fn compare_with_reference(
+    start: Posterior,
+    labels: &[(Vec<f64>, f64)],
+    tol: f64,
+    what: &str,
+) -> f64 {
+    let d = start.dim();
+    let mut rng = StdRng::seed_from_u64(d as u64);
+    let probes: Vec<Vec<f64>> = (0..4).map(|_| random_vec(d, 1.0, &mut rng)).collect();
+    let (mut new, mut old) = (start.clone(), start);
+    for (k, (v, y)) in labels.iter().enumerate() {
+        let scale = margin_scale(&old, v);
+        let a = new.update(v, *y).unwrap();
+        let b = update_reference(&mut old, v, *y, false);
+        let what = format!("{what}, d={d}, label {k}");
+        assert_same_report(&a, &b, scale, tol, &what);
+        if k % 7 == 6 || k + 1 == labels.len() {
+            assert_same_posterior(&new, &old, &probes, tol, &what);
+        }
+    }
+    let (a, b) = (new.prequential, old.prequential);
+    assert_eq!(
+        (a.labels, a.decided, a.correct),
+        (b.labels, b.decided, b.correct)
+    );
+    assert!(rel_diff(a.log_loss_sum, b.log_loss_sum, b.log_loss_sum) <= tol);
+    assert_eq!(new.labels_applied, old.labels_applied);
+    condition_number(&old)
+}
+
+/// Labels with mixed outcomes: hard, tied and soft.
+fn mixed_labels(d: usize, n: usize, scale: f64, rng: &mut StdRng) -> Vec<(Vec<f64>, f64)> {
+    (0..n)
+        .map(|k| {
+            let v = random_vec(d, scale, rng);
+            let y = [1.0, 0.0, 0.5, 0.3, 1.0, 0.0][k % 6];
+            (v, y)
+        })
+        .collect()
+}
+
+#[test]
+fn fused_update_equals_the_previous_update_on_random_problems() {
+    let mut rng = StdRng::seed_from_u64(21);
+    for &(d, n) in &[
+        (1usize, 30usize),
+        (2, 30),
+        (5, 40),
+        (8, 40),
+        (33, 40),
+        (128, 30),
+        (300, 20),
+        (768, 8),
+    ] {
+        let labels = mixed_labels(d, n, 1.0, &mut rng);
+        compare_with_reference(Posterior::new(d, 0.7).unwrap(), &labels, 1e-10, "isotropic");
+        let prior = dense_prior(d, 0.1, 10.0, &mut rng);
+        compare_with_reference(
+            Posterior::from_prior(prior).unwrap(),
+            &labels,
+            1e-10,
+            "dense prior",
+        );
+    }
+}
+
+/// Labels whose coordinates are scaled by `10^U(−span, span)`.
+fn spread_labels(d: usize, n: usize, span: f64, rng: &mut StdRng) -> Vec<(Vec<f64>, f64)> {
+    mixed_labels(d, n, 1.0, rng)
+        .into_iter()
+        .map(|(v, y)| {
+            let v = v
+                .iter()
+                .map(|x| x * 10f64.powf(rng.random_range(-span..span)))
+                .collect();
+            (v, y)
+        })
+        .collect()
+}
+
+/// Condition number of the precision `p` holds.
+fn condition_number(p: &Posterior) -> f64 {
+    let h = &p.chol * p.chol.transpose();
+    let ev = h.self_adjoint_eigenvalues(faer::Side::Lower).unwrap();
+    ev[ev.len() - 1] / ev[0]
+}
+
+#[test]
+fn fused_update_equals_the_previous_update_when_ill_conditioned() {
+    let mut rng = StdRng::seed_from_u64(22);
+    for &d in &[3usize, 16, 64, 200] {
+        // Up to cond(H) ≈ 1e6 both implementations are accurate to well under 1e-10, so they must agree
+        // to 1e-10: a vague prior (λ₀ = 1e-3) with label coordinates spanning two decades (s ≫ 1, so
+        // ties, w = ¼ at m = 0, add w·s ≫ 1), and a dense prior with condition number 1e6.
+        let labels = spread_labels(d, 30, 1.0, &mut rng);
+        let start = Posterior::new(d, 1e-3).unwrap();
+        let cond = compare_with_reference(start, &labels, 1e-10, "vague prior");
+        assert!(cond > 1e3 || d < 16, "d={d}: cond(H) = {cond:e}");
+        let prior = dense_prior(d, 1e-3, 1e3, &mut rng);
+        let labels = mixed_labels(d, 30, 1.0, &mut rng);
+        compare_with_reference(
+            Posterior::from_prior(prior).unwrap(),
+            &labels,
+            1e-10,
+            "cond 1e6",
+        );
+        // Beyond that neither is accurate to 1e-10 (both are about 1e-15·cond(H) from a dense solve);
+        // they must agree to that accuracy: λ₀ = 1e-6, coordinates spanning six decades, cond ≈ 1e10.
+        let labels = spread_labels(d, 30, 3.0, &mut rng);
+        let start = Posterior::new(d, 1e-6).unwrap();
+        let mut end = start.clone();
+        for (v, y) in &labels {
+            end.update(v, *y).unwrap();
+        }
+        let cond = condition_number(&end);
+        assert!(
+            cond > 1e7 || d < 16,
+            "d={d}: cond(H) = {cond:e} is not ill-conditioned"
+        );
+        compare_with_reference(start, &labels, (1e-15 * cond).max(1e-10), "cond ≈ 1e10");
+    }
+}
+
+#[test]
+fn refactorisation_path_equals_the_previous_update() {
+    let mut rng = StdRng::seed_from_u64(23);
+    for &d in &[1usize, 4, 17, 64] {
+        let (start, _) = trained(d, 12, d as u64);
+        let probes: Vec<Vec<f64>> = (0..4).map(|_| random_vec(d, 1.0, &mut rng)).collect();
+        let (mut new, mut old) = (start.clone(), start);
+        for (k, (v, y)) in mixed_labels(d, 9, 1.0, &mut rng).iter().enumerate() {
+            // Every third label goes down the fallback path in both implementations.
+            let fail = k % 3 == 1;
+            INJECT_PIVOT_FAILURE.with(|f| f.set(fail));
+            let a = new.update(v, *y);
+            INJECT_PIVOT_FAILURE.with(|f| f.set(false));
+            let a = a.unwrap();
+            let scale = margin_scale(&old, v);
+            let b = update_reference(&mut old, v, *y, fail);
+            let what = format!("d={d}, label {k}");
+            assert_eq!(a.refactored, fail && a.weight > 0.0, "{what}");
+            assert_same_report(&a, &b, scale, 1e-10, &what);
+            assert_same_posterior(&new, &old, &probes, 1e-10, &what);
+        }
+        assert_eq!(new.refactorizations(), 3);
+    }
+}
+
+/// Lower Cholesky factor by the textbook algorithm (independent of faer).
+fn dense_cholesky(a: &[Vec<f64>]) -> Vec<Vec<f64>> {
+    let n = a.len();
+    let mut l = vec![vec![0.0; n]; n];
+    for j in 0..n {
+        let s: f64 = (0..j).map(|k| l[j][k] * l[j][k]).sum();
+        l[j][j] = (a[j][j] - s).sqrt();
+        for i in j + 1..n {
+            let s: f64 = (0..j).map(|k| l[i][k] * l[j][k]).sum();
+            l[i][j] = (a[i][j] - s) / l[j][j];
+        }
+    }
+    l
+}
+
+/// `H₀ + Σ w_k v_k v_kᵀ` over the stored labels, densely.
+fn dense_precision(p: &Posterior) -> Vec<Vec<f64>> {
+    let d = p.dim();
+    let h0 = p.prior.dense_lower();
+    let mut h: Vec<Vec<f64>> = (0..d)
+        .map(|i| (0..d).map(|j| h0[(i.max(j), i.min(j))]).collect())
+        .collect();
+    for (l, w) in p.labels.iter().zip(&p.weights) {
+        for i in 0..d {
+            for j in 0..d {
+                h[i][j] += w * l.v[i] * l.v[j];
+            }
+        }
+    }
+    h
+}
+
+#[test]
+fn fused_update_matches_dense_linear_algebra() {
+    let mut rng = StdRng::seed_from_u64(24);
+    for d in 1..=7usize {
+        let mut p = Posterior::from_prior(dense_prior(d, 0.05, 5.0, &mut rng)).unwrap();
+        for (k, (v, y)) in mixed_labels(d, 25, 1.5, &mut rng).iter().enumerate() {
+            let what = format!("d={d}, label {k}");
+            let h = dense_precision(&p);
+            let theta0 = p.theta().to_vec();
+            let hv = dense_solve(&h, v);
+            let report = p.update(v, *y).unwrap();
+            // s = vᵀH⁻¹v, θ' = θ + c H⁻¹v, and the factor of H + w v vᵀ.
+            let s = dot(v, &hv);
+            let e = rel_diff(report.predicted.variance, s, s);
+            assert!(e <= 1e-12, "{what}: s differs by {e:e}");
+            let want: Vec<f64> = theta0
+                .iter()
+                .zip(&hv)
+                .map(|(t, h)| t + report.step * h)
+                .collect();
+            let e = max_rel(p.theta(), &want);
+            assert!(e <= 1e-12, "{what}: θ differs by {e:e}");
+            let m = dot(&want, v);
+            let e = (report.step - (*y - sigmoid(m))).abs();
+            assert!(e <= 1e-12, "{what}: step equation off by {e:e}");
+            let l = dense_cholesky(&dense_precision(&p));
+            let scale = l.iter().flatten().fold(0.0f64, |a, x| a.max(x.abs()));
+            for i in 0..d {
+                for j in 0..d {
+                    let e = (p.cholesky()[(i, j)] - l[i][j]).abs() / scale;
+                    assert!(e <= 1e-12, "{what}: L[{i},{j}] differs by {e:e}");
+                }
+            }
+        }
+    }
+}
+
+// ---- update_many: queued labels as one exact batch ----
+
+/// `update_many` against the previous one-at-a-time update, for batch sizes below, at and across
+/// `MAX_BATCH`.
+fn compare_batch_with_reference(
+    start: Posterior,
+    labels: &[(Vec<f64>, f64)],
+    tol: f64,
+    what: &str,
+) {
+    let d = start.dim();
+    let mut rng = StdRng::seed_from_u64(d as u64 + 1);
+    let probes: Vec<Vec<f64>> = (0..4).map(|_| random_vec(d, 1.0, &mut rng)).collect();
+    let mut old = start.clone();
+    let (want, scales): (Vec<UpdateReport>, Vec<f64>) = labels
+        .iter()
+        .map(|(v, y)| {
+            let scale = margin_scale(&old, v);
+            (update_reference(&mut old, v, *y, false), scale)
+        })
+        .unzip();
+    for chunk in [2usize, 3, MAX_BATCH, labels.len()] {
+        let mut new = start.clone();
+        let mut got = Vec::new();
+        for part in labels.chunks(chunk) {
+            got.extend(
+                new.update_many(part.iter().map(|(v, y)| (v.as_slice(), *y)))
+                    .unwrap(),
+            );
+        }
+        let what = format!("{what}, d={d}, chunks of {chunk}");
+        assert_eq!(got.len(), want.len());
+        for (k, (a, b)) in got.iter().zip(&want).enumerate() {
+            assert_same_report(a, b, scales[k], tol, &format!("{what}, label {k}"));
+        }
+        assert_same_posterior(&new, &old, &probes, tol, &what);
+        assert_eq!(new.labels_applied(), old.labels_applied());
+        assert_eq!(new.version(), old.version());
+    }
+}
+
+#[test]
+fn batch_update_equals_the_previous_update_one_label_at_a_time() {
+    let mut rng = StdRng::seed_from_u64(31);
+    for &(d, n) in &[
+        (1usize, 20usize),
+        (2, 20),
+        (7, 40),
+        (33, 40),
+        (128, 24),
+        (400, 20),
+    ] {
+        let labels = mixed_labels(d, n, 1.0, &mut rng);
+        compare_batch_with_reference(Posterior::new(d, 0.7).unwrap(), &labels, 1e-10, "isotropic");
+        let (trained_start, _) = trained(d, 10, d as u64);
+        compare_batch_with_reference(trained_start, &labels, 1e-10, "trained");
+        // Ill-conditioned, as in the one-label test: vague prior, coordinates over two decades; and a
+        // dense prior with condition number 1e6.
+        let labels = spread_labels(d, n, 1.0, &mut rng);
+        compare_batch_with_reference(Posterior::new(d, 1e-3).unwrap(), &labels, 1e-10, "vague");
+        let prior = dense_prior(d, 1e-3, 1e3, &mut rng);
+        let labels = mixed_labels(d, n, 1.0, &mut rng);
+        compare_batch_with_reference(
+            Posterior::from_prior(prior).unwrap(),
+            &labels,
+            1e-10,
+            "cond 1e6",
+        );
+    }
+}
+
+#[test]
+fn batch_update_with_zero_weight_labels_and_an_invalid_label() {
+    // A prior mean far along e₀: a label along e₀ won by the favourite has p′ = 1 exactly, weight 0.
+    let d = 9;
+    let mut rng = StdRng::seed_from_u64(32);
+    let mut mean = vec![0.0; d];
+    mean[0] = 100.0;
+    let start = Posterior::from_prior(Prior {
+        mean,
+        precision: PriorPrecision::Isotropic(0.5),
+    })
+    .unwrap();
+    let mut e0 = vec![0.0; d];
+    e0[0] = 1.0;
+    let mut labels = mixed_labels(d, 6, 1.0, &mut rng);
+    labels.insert(2, (e0.clone(), 1.0));
+    labels.insert(5, (e0, 1.0));
+    let mut old = start.clone();
+    for (v, y) in &labels {
+        update_reference(&mut old, v, *y, false);
+    }
+    assert!(old.weights.iter().filter(|&&w| w == 0.0).count() >= 2);
+    let mut new = start.clone();
+    new.update_many(labels.iter().map(|(v, y)| (v.as_slice(), *y)))
+        .unwrap();
+    assert_same_posterior(
+        &new,
+        &old,
+        &[random_vec(d, 1.0, &mut rng)],
+        1e-10,
+        "zero weights",
+    );
+
+    // An invalid label: the ones before it are applied, the error is returned, none after it is applied.
+    let mut new = start.clone();
+    let bad = vec![f64::NAN; d];
+    let mut with_bad: Vec<(&[f64], f64)> = labels.iter().map(|(v, y)| (v.as_slice(), *y)).collect();
+    with_bad.insert(4, (&bad, 1.0));
+    assert!(new.update_many(with_bad).is_err());
+    let mut old = start;
+    for (v, y) in &labels[..4] {
+        update_reference(&mut old, v, *y, false);
+    }
+    assert_eq!(new.labels_applied(), 4);
+    assert_same_posterior(&new, &old, &[], 1e-10, "prefix before an invalid label");
+}
+
+#[test]
+fn batch_update_refactorisation_path() {
+    let mut rng = StdRng::seed_from_u64(33);
+    let d = 12;
+    let (start, _) = trained(d, 8, 5);
+    let labels = mixed_labels(d, 5, 1.0, &mut rng);
+    // The batch rebuilds once after its last label; so does the reference when that label fails.
+    let mut old = start.clone();
+    for (k, (v, y)) in labels.iter().enumerate() {
+        update_reference(&mut old, v, *y, k + 1 == labels.len());
+    }
+    let mut new = start;
+    INJECT_PIVOT_FAILURE.with(|f| f.set(true));
+    let reports = new.update_many(labels.iter().map(|(v, y)| (v.as_slice(), *y)));
+    INJECT_PIVOT_FAILURE.with(|f| f.set(false));
+    let reports = reports.unwrap();
+    let flags: Vec<bool> = reports.iter().map(|r| r.refactored).collect();
+    assert_eq!(flags, [false, false, false, false, true]);
+    assert_eq!(new.refactorizations(), 1);
+    let probes: Vec<Vec<f64>> = (0..3).map(|_| random_vec(d, 1.0, &mut rng)).collect();
+    assert_same_posterior(&new, &old, &probes, 1e-10, "batch refactorisation");
 }

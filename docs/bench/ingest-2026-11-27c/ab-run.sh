@@ -1,5 +1,5 @@
 #!/bin/bash
-# Interleaved A/B of two daemon bench binaries on one broker (BENCHMARKS.md "Daemon" §1, third round).
+# Interleaved A/B of two daemon bench binaries on one broker (docs/bench/history.md, "Daemon" §1, third round).
 # Build `cargo bench --bench daemon --no-run` at each commit (here b9cd372 with dce8514's bench change
 # applied, and dce8514), copy the two binaries into the current directory as `old` and `new`, start a
 # broker (`.ci/kafka.sh start /tmp/kb` prints its address) and run:

@@ -1,5 +1,5 @@
 #!/bin/bash
-# Interleaved A/B of two daemon bench binaries on one broker (BENCHMARKS.md "Daemon" §1, fourth round).
+# Interleaved A/B of two daemon bench binaries on one broker (docs/bench/history.md, "Daemon" §1, fourth round; current figures in BENCHMARKS.md "Daemon" §1).
 # Build `cargo bench --bench daemon --no-run` at each commit, copy the two binaries into the current
 # directory as `old` and `new`, start a broker (`.ci/kafka.sh start /tmp/kb` prints its address) and run
 #   ARMD_BENCH_BROKERS=<broker> [ALTS=6] [CONFIGS=no-rounds] bash ab-run.sh > ab.txt

@@ -27,7 +27,7 @@ pub fn decode_f32_b64(field: &str, s: &str) -> Result<Vec<f32>, Rejection> {
 ///
 /// Padded input (what standard encoders such as Python's `base64.b64encode` send) goes through
 /// `simdutf`, whose decoder is about twice as fast as `base64-simd`'s on this project's bench host
-/// (BENCHMARKS.md, "Daemon" §1); unpadded input through `base64-simd`.
+/// (docs/bench/history.md, "Daemon" §1, fourth round); unpadded input through `base64-simd`.
 pub(super) fn decode_f32_b64_fast(src: &[u8]) -> Option<Vec<f32>> {
     if src.len() % 4 != 0 {
         return decode_unpadded(src);

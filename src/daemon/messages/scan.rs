@@ -4,8 +4,8 @@
 //! serde_json checks every byte of the 4 kB base64 string for quotes and escapes, and even with that
 //! value cut out, its derived struct parse (after two substring searches and a copy of the rest) took a
 //! large share of the responses thread at d = 768; with this scanner, a zero-free decode buffer and the
-//! bitwise finite check, decoding a d = 768 response went from 2.1–2.4 to 1.6–1.9 µs (BENCHMARKS.md
-//! "Daemon", third round). The scanner walks the top-level object once: keys and the schema/id values
+//! bitwise finite check, decoding a d = 768 response went from 2.1–2.4 to 1.6–1.9 µs (docs/bench/history.md,
+//! "Daemon" §1, third round). The scanner walks the top-level object once: keys and the schema/id values
 //! must be plain strings (no escape, no control character), `embedding_b64` a string whose end is found
 //! with `memchr` (its decoder then accepts only the base64 alphabet), and `metadata` an object or `null`, captured by serde_json
 //! itself (same parser, same raw text as the plain parse).
