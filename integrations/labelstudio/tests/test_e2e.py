@@ -95,6 +95,32 @@ def wait_metric(armd_or_bridge, series, pred, timeout=60):
 
 # --------------------------------------------------------------------------------------------------
 
+def browser_login(driver, url: str, email: str, password: str, attempts: int = 3) -> None:
+    """Logs in through Label Studio's login form. On a loaded machine a submit can land before the page
+    is ready and be lost (seen once in CI: the page stayed on /user/login for 120 s), so each attempt
+    waits for the page to load, submits with Enter, and a lost submit is retried."""
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    for _ in range(attempts):
+        driver.get(f"{url}/user/login/")
+        WebDriverWait(driver, 60).until(
+            lambda d: d.execute_script("return document.readyState") == "complete")
+        for name, value in (("email", email), ("password", password)):
+            field = driver.find_element(By.NAME, name)
+            field.clear()
+            field.send_keys(value)
+        driver.find_element(By.NAME, "password").send_keys(Keys.RETURN)
+        try:
+            WebDriverWait(driver, 45).until(lambda d: "/user/login" not in d.current_url)
+            return
+        except TimeoutException:
+            continue
+    raise AssertionError(f"login as {email} failed {attempts} times; still at {driver.current_url}")
+
+
 def test_annotator_in_chromium_answers_and_the_label_reaches_armd(
         stack, bridge, brokers, label_studio, browser_paths, tmp_path):
     from selenium import webdriver
@@ -126,11 +152,7 @@ def test_annotator_in_chromium_answers_and_the_label_reaches_armd(
     try:
         driver.set_page_load_timeout(120)
         wait = WebDriverWait(driver, 120)
-        driver.get(f"{label_studio.url}/user/login/")
-        driver.find_element(By.NAME, "email").send_keys(email)
-        driver.find_element(By.NAME, "password").send_keys(password)
-        driver.find_element(By.CSS_SELECTOR, "button[type=submit], input[type=submit]").click()
-        wait.until(lambda d: "/user/login" not in d.current_url)
+        browser_login(driver, label_studio.url, email, password)
         # "Label All Tasks": the label stream hands out the next task of the queue.
         driver.get(f"{label_studio.url}/projects/{pid}/data?labeling=1")
         close = wait.until(EC.element_to_be_clickable((By.CSS_SELECTOR, "button[aria-label='Close modal']")))
