@@ -39,6 +39,7 @@ use std::time::{Duration, Instant};
 use armd::daemon::config::Config;
 use armd::daemon::engine::Engine;
 use armd::daemon::engine::Output;
+use armd::daemon::input::LabelInput;
 use armd::daemon::kafka::Health;
 use armd::daemon::messages::{encode_f32_b64, LabelMsg, Response, SourcePosition};
 use armd::daemon::telemetry::Telemetry;
@@ -786,6 +787,7 @@ impl RoundBench {
                 metadata: None,
             };
             self.engine.on_response(r, self.now);
+            self.engine.adopt_own_proposal(self.now);
         }
     }
 
@@ -805,8 +807,16 @@ impl RoundBench {
                     y,
                     annotator_id: None,
                 };
-                self.engine
-                    .on_label(Ok(label), None, pos, self.now, self.now);
+                self.engine.on_label(
+                    LabelInput {
+                        decoded: Ok(label),
+                        payload: None,
+                        pos,
+                        timestamp_ms: self.now,
+                        read_at_ms: self.now,
+                    },
+                    self.now,
+                );
             }
         }
         self.refill();

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use armd::daemon::alloc::malloc_stats;
 use armd::daemon::config::Config;
 use armd::daemon::engine::{Engine, Output};
+use armd::daemon::input::LabelInput;
 use armd::daemon::messages::{LabelMsg, Response, SourcePosition};
 use armd::daemon::telemetry::Telemetry;
 use rand::rngs::StdRng;
@@ -99,6 +100,7 @@ fn main() {
             let r = rx.recv().unwrap();
             engine.on_response(r, now);
         }
+        engine.adopt_own_proposal(now);
         // Label the previous round's requests.
         for id in pending.drain(..) {
             let pos = SourcePosition {
@@ -112,7 +114,16 @@ fn main() {
                 y: if rng.random::<bool>() { 1.0 } else { 0.0 },
                 annotator_id: None,
             };
-            engine.on_label(Ok(label), None, pos, now, now);
+            engine.on_label(
+                LabelInput {
+                    decoded: Ok(label),
+                    payload: None,
+                    pos,
+                    timestamp_ms: now,
+                    read_at_ms: now,
+                },
+                now,
+            );
         }
         engine.poll_refit();
         now += 600;

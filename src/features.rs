@@ -256,6 +256,14 @@ impl Scaler {
         self.frozen
     }
 
+    /// The same scaler, not usable until its statistics are given (a daemon instance waits for the scaling
+    /// its group adopts even when the scaling needs no statistics). Only for a scaler with no samples.
+    pub fn unfrozen(mut self) -> Self {
+        debug_assert_eq!(self.count, 0, "unfrozen() is for a new scaler");
+        self.frozen = false;
+        self
+    }
+
     /// Warm-up samples observed by this instance (0 after [`Scaler::from_parts`]).
     pub fn samples(&self) -> u64 {
         self.count

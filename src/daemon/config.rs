@@ -389,6 +389,18 @@ pub struct LogConfig {
 struct Problems(Vec<String>);
 
 impl Problems {
+    /// Every problem at once, or nothing.
+    fn into_result(self) -> Result<()> {
+        if self.0.is_empty() {
+            return Ok(());
+        }
+        bail!(
+            "{} invalid configuration value{}:\n  {}",
+            self.0.len(),
+            if self.0.len() == 1 { "" } else { "s" },
+            self.0.join("\n  ")
+        )
+    }
     fn bad(&mut self, key: &str, got: impl std::fmt::Display, reason: &str) {
         self.0.push(format!("`{key}` = {got}: {reason}"));
     }
@@ -441,8 +453,41 @@ impl Config {
 
     fn validate(raw: RawConfig) -> Result<Self> {
         let mut p = Problems::default();
+        // Cross-section rules read these before the sections are consumed.
+        let (dim, min_pool) = (raw.model.dim, raw.selection.min_pool);
+        let daemon = raw.daemon.validate(&mut p);
+        let kafka = raw.kafka.validate(&mut p);
+        let model = raw.model.validate(&mut p);
+        let selection = raw.selection.validate(&mut p);
+        let pool = raw.pool.validate(&mut p, dim, min_pool);
+        let checkpoint = raw.checkpoint.validate(&mut p);
+        let export = raw.export.validate(&mut p);
+        let http = raw.http.validate(&mut p);
+        let log = raw.log.validate(&mut p);
+        p.into_result()?;
+        // Every Option below is Some when no problem was recorded.
+        let missing = || anyhow!("internal: validated value missing");
+        Ok(Config {
+            daemon,
+            kafka,
+            model: model.ok_or_else(missing)?,
+            selection: selection.ok_or_else(missing)?,
+            pool,
+            checkpoint,
+            export,
+            http: http.ok_or_else(missing)?,
+            log: log.ok_or_else(missing)?,
+        })
+    }
+}
 
-        let d = &raw.daemon;
+// ------------------------------------------------------------------------------------------------
+// Validation, one section at a time: each records its problems (with their keys) and returns its part
+// of the configuration (`None` when a value could not be parsed).
+
+impl RawDaemon {
+    fn validate(self, p: &mut Problems) -> DaemonConfig {
+        let d = &self;
         p.check(
             !d.instance_id.is_empty()
                 && d.instance_id.len() <= 64
@@ -454,13 +499,22 @@ impl Config {
             "must be 1-64 characters of [A-Za-z0-9._-]",
         );
         p.check(
-            (1..=86_400).contains(&d.liveness_timeout_secs),
-            "daemon.liveness_timeout_secs",
-            d.liveness_timeout_secs,
-            "must be 1-86400 (seconds without a loop iteration before a worker thread counts as stalled)",
-        );
+        (1..=86_400).contains(&d.liveness_timeout_secs),
+        "daemon.liveness_timeout_secs",
+        d.liveness_timeout_secs,
+        "must be 1-86400 (seconds without a loop iteration before a worker thread counts as stalled)",
+    );
 
-        let k = &raw.kafka;
+        DaemonConfig {
+            liveness_timeout: Duration::from_secs(self.liveness_timeout_secs),
+            instance_id: self.instance_id,
+        }
+    }
+}
+
+impl RawKafka {
+    fn validate(self, p: &mut Problems) -> KafkaConfig {
+        let k = &self;
         p.check(
             !k.brokers.trim().is_empty(),
             "kafka.brokers",
@@ -512,10 +566,10 @@ impl Config {
             ];
             if OWNED.contains(&key.as_str()) {
                 p.bad(
-                    &format!("kafka.settings.\"{key}\""),
-                    "(set)",
-                    "is managed by armd (use kafka.brokers / kafka.group_id / kafka.stats_interval_ms)",
-                );
+                &format!("kafka.settings.\"{key}\""),
+                "(set)",
+                "is managed by armd (use kafka.brokers / kafka.group_id / kafka.stats_interval_ms)",
+            );
             }
         }
         p.check(
@@ -531,7 +585,26 @@ impl Config {
             "must be >= 1",
         );
 
-        let m = &raw.model;
+        KafkaConfig {
+            brokers: self.brokers,
+            group_id: self.group_id,
+            topics: Topics {
+                responses: self.topics.responses,
+                requests: self.topics.requests,
+                labels: self.topics.labels,
+                models: self.topics.models,
+                dead_letter: self.topics.dead_letter,
+            },
+            settings: self.settings,
+            stats_interval: Duration::from_millis(self.stats_interval_ms),
+            startup_timeout: Duration::from_secs(self.startup_timeout_secs),
+        }
+    }
+}
+
+impl RawModel {
+    fn validate(self, p: &mut Problems) -> Option<ModelConfig> {
+        let m = &self;
         p.check(
             m.dim >= 1 && m.dim <= 65_536,
             "model.dim",
@@ -574,7 +647,20 @@ impl Config {
             );
         }
 
-        let s = &raw.selection;
+        Some(ModelConfig {
+            dim: m.dim,
+            prior_precision: m.prior_precision,
+            scaling: scaling?,
+            warmup_samples: m.warmup_samples,
+            refit_every: m.refit_every,
+            max_labels: m.max_labels,
+        })
+    }
+}
+
+impl RawSelection {
+    fn validate(self, p: &mut Problems) -> Option<SelectionConfig> {
+        let s = &self;
         let strategy = match s.strategy.parse::<StrategyKind>() {
             Ok(k) => Some(k),
             Err(e) => {
@@ -684,7 +770,29 @@ impl Config {
             }
         }
 
-        let pl = &raw.pool;
+        Some(SelectionConfig {
+            strategy: strategy?,
+            batch_size: s.batch_size,
+            max_in_flight: s.max_in_flight,
+            request_ttl: Duration::from_secs(s.request_ttl_secs),
+            expiry_grace: Duration::from_secs(s.expiry_grace_secs),
+            round_interval: Duration::from_millis(s.round_interval_ms),
+            min_pool: s.min_pool,
+            candidates: candidates?,
+            max_cross_pairs: s.max_cross_pairs,
+            max_within_pairs: s.max_within_pairs,
+            labels_per_request: s.labels_per_request,
+            closed_history: s.closed_history,
+            seed: s.seed,
+            params,
+        })
+    }
+}
+
+impl RawPool {
+    /// `dim` (model.dim) and `min_pool` (selection.min_pool) bound the pool's settings.
+    fn validate(self, p: &mut Problems, dim: usize, min_pool: usize) -> PoolConfig {
+        let pl = &self;
         p.check(
             pl.capacity >= 2,
             "pool.capacity",
@@ -692,7 +800,7 @@ impl Config {
             "must be >= 2",
         );
         p.check(
-            pl.capacity >= s.min_pool,
+            pl.capacity >= min_pool,
             "pool.capacity",
             pl.capacity,
             "must be >= selection.min_pool",
@@ -709,9 +817,9 @@ impl Config {
             pl.max_uses,
             "must be >= 1",
         );
-        if m.dim >= 1 {
+        if dim >= 1 {
             // A base64 embedding takes ⌈4d/3⌉ bytes; anything smaller than that could never be accepted.
-            let need = (4 * m.dim).div_ceil(3) + 64;
+            let need = (4 * dim).div_ceil(3) + 64;
             p.check(
                 pl.max_message_bytes >= need,
                 "pool.max_message_bytes",
@@ -732,7 +840,19 @@ impl Config {
             "must be <= 16777216",
         );
 
-        let c = &raw.checkpoint;
+        PoolConfig {
+            capacity: pl.capacity,
+            ttl: Duration::from_secs(pl.ttl_secs),
+            max_uses: pl.max_uses,
+            max_message_bytes: pl.max_message_bytes,
+            dead_letter_payload_bytes: pl.dead_letter_payload_bytes,
+        }
+    }
+}
+
+impl RawCheckpoint {
+    fn validate(self, p: &mut Problems) -> CheckpointConfig {
+        let c = &self;
         p.check(
             !c.path.as_os_str().is_empty() && c.path.file_name().is_some(),
             "checkpoint.path",
@@ -752,7 +872,17 @@ impl Config {
             "must be >= 1",
         );
 
-        let e = &raw.export;
+        CheckpointConfig {
+            every_labels: c.every_labels,
+            every: Duration::from_secs(c.every_secs),
+            path: self.path,
+        }
+    }
+}
+
+impl RawExport {
+    fn validate(self, p: &mut Problems) -> ExportConfig {
+        let e = &self;
         if e.dir.is_some() || e.publish {
             p.check(
                 e.every_labels >= 1,
@@ -770,19 +900,35 @@ impl Config {
             );
         }
 
-        let listen = match raw.http.listen.parse::<SocketAddr>() {
+        ExportConfig {
+            every_labels: e.every_labels,
+            publish: e.publish,
+            dir: self.dir,
+        }
+    }
+}
+
+impl RawHttp {
+    fn validate(self, p: &mut Problems) -> Option<HttpConfig> {
+        let listen = match self.listen.parse::<SocketAddr>() {
             Ok(a) => Some(a),
             Err(err) => {
                 p.bad(
                     "http.listen",
-                    format!("{:?}", raw.http.listen),
+                    format!("{:?}", self.listen),
                     &format!("must be IP:PORT ({err})"),
                 );
                 None
             }
         };
 
-        let format = match raw.log.format.as_str() {
+        Some(HttpConfig { listen: listen? })
+    }
+}
+
+impl RawLog {
+    fn validate(self, p: &mut Problems) -> Option<LogConfig> {
+        let format = match self.format.as_str() {
             "text" => Some(LogFormat::Text),
             "json" => Some(LogFormat::Json),
             other => {
@@ -794,91 +940,17 @@ impl Config {
                 None
             }
         };
-        if let Err(err) = raw.log.level.parse::<tracing_subscriber::EnvFilter>() {
+        if let Err(err) = self.level.parse::<tracing_subscriber::EnvFilter>() {
             p.bad(
                 "log.level",
-                format!("{:?}", raw.log.level),
+                format!("{:?}", self.level),
                 &format!("is not a log filter ({err})"),
             );
         }
 
-        if !p.0.is_empty() {
-            bail!(
-                "{} invalid configuration value{}:\n  {}",
-                p.0.len(),
-                if p.0.len() == 1 { "" } else { "s" },
-                p.0.join("\n  ")
-            );
-        }
-        // Every Option below is Some when no problem was recorded.
-        let missing = || anyhow!("internal: validated value missing");
-        Ok(Config {
-            daemon: DaemonConfig {
-                instance_id: raw.daemon.instance_id,
-                liveness_timeout: Duration::from_secs(raw.daemon.liveness_timeout_secs),
-            },
-            kafka: KafkaConfig {
-                brokers: raw.kafka.brokers,
-                group_id: raw.kafka.group_id,
-                topics: Topics {
-                    responses: raw.kafka.topics.responses,
-                    requests: raw.kafka.topics.requests,
-                    labels: raw.kafka.topics.labels,
-                    models: raw.kafka.topics.models,
-                    dead_letter: raw.kafka.topics.dead_letter,
-                },
-                settings: raw.kafka.settings,
-                stats_interval: Duration::from_millis(raw.kafka.stats_interval_ms),
-                startup_timeout: Duration::from_secs(raw.kafka.startup_timeout_secs),
-            },
-            model: ModelConfig {
-                dim: m.dim,
-                prior_precision: m.prior_precision,
-                scaling: scaling.ok_or_else(missing)?,
-                warmup_samples: m.warmup_samples,
-                refit_every: m.refit_every,
-                max_labels: m.max_labels,
-            },
-            selection: SelectionConfig {
-                strategy: strategy.ok_or_else(missing)?,
-                batch_size: s.batch_size,
-                max_in_flight: s.max_in_flight,
-                request_ttl: Duration::from_secs(s.request_ttl_secs),
-                expiry_grace: Duration::from_secs(s.expiry_grace_secs),
-                round_interval: Duration::from_millis(s.round_interval_ms),
-                min_pool: s.min_pool,
-                candidates: candidates.ok_or_else(missing)?,
-                max_cross_pairs: s.max_cross_pairs,
-                max_within_pairs: s.max_within_pairs,
-                labels_per_request: s.labels_per_request,
-                closed_history: s.closed_history,
-                seed: s.seed,
-                params,
-            },
-            pool: PoolConfig {
-                capacity: pl.capacity,
-                ttl: Duration::from_secs(pl.ttl_secs),
-                max_uses: pl.max_uses,
-                max_message_bytes: pl.max_message_bytes,
-                dead_letter_payload_bytes: pl.dead_letter_payload_bytes,
-            },
-            checkpoint: CheckpointConfig {
-                path: c.path.clone(),
-                every_labels: c.every_labels,
-                every: Duration::from_secs(c.every_secs),
-            },
-            export: ExportConfig {
-                dir: e.dir.clone(),
-                every_labels: e.every_labels,
-                publish: e.publish,
-            },
-            http: HttpConfig {
-                listen: listen.ok_or_else(missing)?,
-            },
-            log: LogConfig {
-                format: format.ok_or_else(missing)?,
-                level: raw.log.level,
-            },
+        Some(LogConfig {
+            format: format?,
+            level: self.level,
         })
     }
 }

@@ -142,14 +142,27 @@ impl Driver {
             Input::Responses(batch, t) => {
                 self.engine.on_responses(batch, t);
             }
-            Input::Label {
+            Input::Label(label) => {
+                self.engine.on_label(label, now_ms());
+                self.inject_fault();
+            }
+            Input::Scaler {
                 decoded,
                 payload,
                 pos,
-                timestamp_ms,
+            } => self
+                .engine
+                .on_scaler(decoded, payload.as_deref(), pos, now_ms()),
+            Input::Request {
+                request,
+                partition,
+                offset,
             } => {
-                self.engine
-                    .on_label(decoded, payload.as_deref(), pos, timestamp_ms, now_ms());
+                self.engine.on_request(request, partition, offset);
+                self.inject_fault();
+            }
+            Input::RequestsCaughtUp { as_of_ms } => {
+                self.engine.on_requests_caught_up(as_of_ms);
                 self.inject_fault();
             }
             Input::LabelsCaughtUp { as_of_ms } => {
@@ -184,6 +197,7 @@ impl Driver {
         let now = now_ms();
         self.engine.poll_refit();
         self.engine.expire(now);
+        self.engine.maybe_propose_scaler(now);
         if !self.stop.load(Ordering::Relaxed) {
             self.engine.maybe_round_timed(now, now_ms);
         }
@@ -227,6 +241,16 @@ impl Driver {
                     self.publisher
                         .send_dead_letter(&t.dead_letter, &d, &self.metrics)
                 }
+                Output::Scaler(s) => {
+                    let json = serde_json::to_vec(&s).expect("serialisable");
+                    // Partition 0: with several labels partitions, "first" is defined on one of them.
+                    if !self
+                        .publisher
+                        .send_to_partition(&t.labels, 0, "armd.scaler", &json)
+                    {
+                        self.metrics.publish_failures_labels.increment(1);
+                    }
+                }
                 Output::Model(s) => {
                     let json = serde_json::to_vec(&s).expect("serialisable");
                     if !self
@@ -243,12 +267,9 @@ impl Driver {
         }
     }
 
-    /// Tells the engine which requests reached the requests topic (and where), before a checkpoint.
+    /// Tells the engine which requests reached the requests topic, before a checkpoint.
     fn confirm_deliveries(&mut self) {
         let d = self.publisher.delivered_requests();
-        for (p, o) in d.max_offset {
-            self.engine.on_request_delivered(p, o);
-        }
         self.engine.on_requests_delivered(d.ids);
     }
 

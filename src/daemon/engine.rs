@@ -10,13 +10,23 @@
 //!   (`greedy-dopt` conditions on the in-flight pairs as already picked), issues one request per pick and
 //!   takes the used responses out of the pool (`pool.max_uses`).
 //! - **Requests** ([`super::ledger`]): ids, the label join, expiry and recovery rules live in the
-//!   [`Ledger`]; the engine applies what it decides. Unknown, expired and duplicate labels are
-//!   dead-lettered with their reason.
+//!   [`Ledger`]; the engine applies what it decides. Every request of the group read from the requests
+//!   topic ([`Engine::on_request`]) is registered, so every label is applied by every instance. Unknown,
+//!   expired and duplicate labels are rejected with their reason; the dead letter is written by the
+//!   instance that issued the request (by its id), or by every instance when no issuer can be read.
+//! - **Labels wait for their request** ([`Engine::on_label`]): a label may be read before the request it
+//!   names (two topics, two consumers). A label for a request this instance does not know yet is held —
+//!   and every labels-topic message after it, so the order of application is the topic's — until the
+//!   request arrives or the requests topic has been read to its end as of a moment after the label was
+//!   read ([`Engine::on_requests_caught_up`]); only then is it unknown.
+//! - **The group's scaler** ([`super::learner`]): this instance's warm-up becomes an `armd.scaler.v1`
+//!   proposal published on the labels topic ([`Engine::maybe_propose_scaler`]); the first proposal read
+//!   there is adopted ([`Engine::on_scaler`]). Requests read before that wait, unscaled.
 //! - **Learning** ([`super::learner`]): the scaler, the posterior update, refits and consolidation
 //!   live in the [`Learner`]; the engine hands it each joined label's difference vector.
 //! - **Checkpoint and export state** ([`Engine::checkpoint`], [`Engine::export`]).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -26,13 +36,15 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde_json::Value;
 
-use super::checkpoint::Checkpoint;
+use super::checkpoint::{Checkpoint, InFlightState};
 use super::config::Config;
+use super::input::{DecodedScaler, LabelInput};
 use super::learner::Learner;
 use super::ledger::{InFlight, Join, Ledger};
 use super::messages::{
-    self, encode_f32_b64, DeadLetter, LabelMsg, LabelRequest, ModelSnapshot, Reason, Rejection,
-    RequestSide, Response, SourcePosition, REQUEST_SCHEMA,
+    self, encode_f32_b64, encode_f64_b64, parse_request_id, DeadLetter, LabelMsg, LabelRequest,
+    ModelSnapshot, Reason, Rejection, RequestSide, Response, ScalerMsg, SourcePosition,
+    REQUEST_SCHEMA, SCALER_SCHEMA,
 };
 use super::pool::{Evicted, Pool, PoolEntry};
 use super::telemetry::Metrics;
@@ -48,6 +60,8 @@ pub enum Output {
     Request(Box<LabelRequest>),
     DeadLetter(Box<DeadLetter>),
     Model(Box<ModelSnapshot>),
+    /// This instance's scaling proposal: append it to partition 0 of the labels topic.
+    Scaler(Box<ScalerMsg>),
 }
 
 /// What happened to one label message.
@@ -58,10 +72,25 @@ pub enum LabelOutcome {
         request_id: String,
         closed: bool,
     },
-    /// For a request of another instance: skipped, not dead-lettered.
-    Foreign,
+    /// Its request is not known yet: held, with every labels-topic message after it, until it is.
+    Held,
     Rejected(Reason),
 }
+
+/// What waits behind a held label, in labels-topic order.
+enum Held {
+    Label(LabelInput),
+    Scaler(
+        std::result::Result<DecodedScaler, Rejection>,
+        Option<Vec<u8>>,
+        SourcePosition,
+    ),
+    CaughtUp(i64),
+}
+
+/// How long a scaling proposal that was not read back from the labels topic waits before it is sent
+/// again (a failed delivery must not leave the group without a scaler).
+const PROPOSAL_RETRY_MS: i64 = 10_000;
 
 /// The daemon's model state and the rules that change it. See the module doc.
 pub struct Engine {
@@ -71,6 +100,15 @@ pub struct Engine {
     pool: Pool,
     ledger: Ledger,
     label_offsets: BTreeMap<i32, i64>,
+    /// Labels-topic messages waiting for a label's request (see the module doc).
+    held: VecDeque<Held>,
+    /// Wall time (ms) up to which the requests topic has been read to its end; `None` before the first
+    /// time.
+    requests_read_until_ms: Option<i64>,
+    /// Requests read before the group's scaler was adopted (their pairs cannot be scaled yet).
+    unscaled: Vec<LabelRequest>,
+    /// When this instance last published its scaling proposal.
+    proposal_sent_ms: Option<i64>,
     rng: StdRng,
     outbox: Vec<Output>,
     last_round_ms: Option<i64>,
@@ -81,7 +119,7 @@ pub struct Engine {
 }
 
 /// Wall clock in milliseconds since the Unix epoch, with sub-millisecond precision (0 before 1970).
-fn wall_ms() -> f64 {
+fn now_ms_f64() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs_f64() * 1000.0)
@@ -105,6 +143,10 @@ impl Engine {
             ),
             ledger: Ledger::new(&cfg.daemon.instance_id, cfg.selection.closed_history),
             label_offsets: BTreeMap::new(),
+            held: VecDeque::new(),
+            requests_read_until_ms: None,
+            unscaled: Vec::new(),
+            proposal_sent_ms: None,
             rng: StdRng::seed_from_u64(cfg.selection.seed),
             outbox: Vec::new(),
             last_round_ms: None,
@@ -145,6 +187,11 @@ impl Engine {
         for s in c.in_flight {
             let request: LabelRequest = serde_json::from_str(&s.request_json)
                 .context("checkpoint in-flight request is not a valid armd.request.v1")?;
+            if !self.learner.scaler().is_frozen() {
+                // Read before the group's scaler was adopted: still waiting for it.
+                self.unscaled.push(request);
+                continue;
+            }
             let mut f = self
                 .in_flight_from_request(request)
                 .map_err(|r| anyhow::anyhow!("checkpoint in-flight request: {r}"))?;
@@ -188,6 +235,14 @@ impl Engine {
     }
     pub fn refit_pending(&self) -> bool {
         self.learner.refit_pending()
+    }
+    /// Labels-topic messages waiting for a label's request.
+    pub fn held(&self) -> usize {
+        self.held.len()
+    }
+    /// Whether the group's scaler is adopted (selection can run).
+    pub fn scaler_adopted(&self) -> bool {
+        self.learner.scaler().is_frozen()
     }
     /// Drains what the engine wants published.
     pub fn take_outputs(&mut self) -> Vec<Output> {
@@ -237,27 +292,145 @@ impl Engine {
             return false;
         }
         let raw = &self.pool.newest().expect("just inserted").raw;
-        if self.learner.observe(raw) {
-            self.on_scaler_frozen();
-        }
+        self.learner.observe(raw);
         true
     }
 
-    fn on_scaler_frozen(&mut self) {
-        self.learner.start_auto_prior(self.pool_sq_spread());
-        // The scaler is part of the model: persist it before any request depends on it.
-        self.dirty = true;
-        self.checkpoint_now = true;
+    /// Publishes this instance's scaling proposal when its warm-up is done and no scaler is adopted yet,
+    /// again every [`PROPOSAL_RETRY_MS`] until one is (see the module doc).
+    pub fn maybe_propose_scaler(&mut self, now_ms: i64) {
+        if self.learner.scaler().is_frozen()
+            || self
+                .proposal_sent_ms
+                .is_some_and(|t| now_ms - t < PROPOSAL_RETRY_MS)
+        {
+            return;
+        }
+        let Some((scaler, samples)) = self.learner.proposal() else {
+            return;
+        };
+        let msg = ScalerMsg {
+            schema: SCALER_SCHEMA.to_string(),
+            instance_id: self.cfg.daemon.instance_id.clone(),
+            scaling: scaler.scaling().name().to_string(),
+            samples,
+            mean_b64: encode_f64_b64(scaler.mean()),
+            inv_std_b64: encode_f64_b64(scaler.inv_std()),
+            pair_spread: self.pool_sq_spread(scaler),
+            proposed_at_ms: now_ms,
+        };
+        tracing::info!(
+            samples,
+            "warm-up done; scaling proposed to the group (labels topic)"
+        );
+        self.m.scaler_proposals.increment(1);
+        self.proposal_sent_ms = Some(now_ms);
+        self.outbox.push(Output::Scaler(Box::new(msg)));
     }
 
-    /// `2·mean ‖x − x̄‖²` over the pooled responses after scaling: the mean squared norm of a random
-    /// difference vector, the `auto` prior's starting value (NaN for an empty pool).
-    fn pool_sq_spread(&self) -> f64 {
+    /// For an engine used without Kafka (benches, tools): adopts this instance's own proposal as if it
+    /// had been read back as the first scaler message of the labels topic. Returns whether it did.
+    pub fn adopt_own_proposal(&mut self, now_ms: i64) -> bool {
+        if self.learner.scaler().is_frozen() {
+            return false;
+        }
+        self.proposal_sent_ms = None;
+        self.maybe_propose_scaler(now_ms);
+        let Some(i) = self
+            .outbox
+            .iter()
+            .rposition(|o| matches!(o, Output::Scaler(_)))
+        else {
+            return false;
+        };
+        let Output::Scaler(msg) = self.outbox.remove(i) else {
+            unreachable!("checked")
+        };
+        let bytes = serde_json::to_vec(&msg).expect("serialisable");
+        let decoded = ScalerMsg::decode(Some(&bytes), self.cfg.model.dim);
+        let pos = SourcePosition {
+            topic: String::new(),
+            partition: -1,
+            offset: -1,
+        };
+        self.apply_scaler(decoded, None, pos, now_ms);
+        self.label_offsets.remove(&-1);
+        self.learner.scaler().is_frozen()
+    }
+
+    /// Handles an `armd.scaler.v1` message read at `pos` of the labels topic: the first valid one is the
+    /// group's scaler; later ones are ignored. Held behind a held label like any labels-topic message.
+    pub fn on_scaler(
+        &mut self,
+        decoded: std::result::Result<DecodedScaler, Rejection>,
+        payload: Option<&[u8]>,
+        pos: SourcePosition,
+        now_ms: i64,
+    ) {
+        if !self.held.is_empty() {
+            self.held
+                .push_back(Held::Scaler(decoded, payload.map(<[u8]>::to_vec), pos));
+            self.m.labels_held.set(self.held.len() as f64);
+            return;
+        }
+        self.apply_scaler(decoded, payload, pos, now_ms);
+    }
+
+    fn apply_scaler(
+        &mut self,
+        decoded: std::result::Result<DecodedScaler, Rejection>,
+        payload: Option<&[u8]>,
+        pos: SourcePosition,
+        now_ms: i64,
+    ) {
+        self.advance_label_offset(&pos);
+        let (msg, mean, inv_std) = match decoded {
+            Ok(d) => d,
+            Err(r) => {
+                tracing::warn!(partition = pos.partition, offset = pos.offset, reason = %r, "invalid scaler message on the labels topic; ignored");
+                self.m.labels_rejected.get(r.reason).increment(1);
+                self.dead_letter(&r, pos, payload, now_ms);
+                return;
+            }
+        };
+        if self.learner.scaler().is_frozen() {
+            tracing::debug!(from = %msg.instance_id, "a later scaling proposal; the group's scaler is already adopted");
+            return;
+        }
+        if msg.scaling != self.cfg.model.scaling.name() {
+            tracing::error!(
+                from = %msg.instance_id,
+                theirs = %msg.scaling,
+                ours = %self.cfg.model.scaling.name(),
+                "the group's first scaling proposal uses another model.scaling; every instance of a group needs the same model settings (this instance will not select)"
+            );
+            return;
+        }
+        match self.learner.adopt(mean, inv_std, msg.pair_spread) {
+            Ok(_) => {
+                tracing::info!(from = %msg.instance_id, "the group's scaler adopted");
+                // The scaler is part of the model: persist it before any request depends on it.
+                self.dirty = true;
+                self.checkpoint_now = true;
+                for r in std::mem::take(&mut self.unscaled) {
+                    self.register(r);
+                }
+                self.update_gauges();
+            }
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), from = %msg.instance_id, "cannot adopt the group's scaling proposal")
+            }
+        }
+    }
+
+    /// `2·mean ‖x − x̄‖²` over the pooled responses after scaling with `scaler`: the mean squared norm of a
+    /// random difference vector, the `auto` prior's starting value (NaN for an empty pool).
+    fn pool_sq_spread(&self, scaler: &Scaler) -> f64 {
         let d = self.cfg.model.dim;
         let mut rows = Vec::with_capacity(self.pool.len());
         let mut buf = vec![0.0; d];
         for (_, e) in self.pool.iter() {
-            if self.learner.scaler().transform(&e.raw, &mut buf).is_ok() {
+            if scaler.transform(&e.raw, &mut buf).is_ok() {
                 rows.push(buf.clone());
             }
         }
@@ -367,7 +540,14 @@ impl Engine {
             max_cross_pairs: s.max_cross_pairs,
             max_within_pairs: s.max_within_pairs,
         };
-        let pairs = candidates::generate(&prompts, &opts, &mut self.rng);
+        let mut pairs = candidates::generate(&prompts, &opts, &mut self.rng);
+        // A pair another request of the group still has open is not asked again (after a rebalance two
+        // instances can pool the same responses).
+        let side = |i: u32| {
+            let e = slots[i as usize].1;
+            (&*e.prompt_id, &*e.response_id)
+        };
+        pairs.retain(|p| !self.ledger.pair_open(side(p.a), side(p.b)));
         self.m.candidate_pairs_scored.increment(pairs.len() as u64);
         self.m.selection_rounds.increment(1);
         if pairs.is_empty() {
@@ -516,26 +696,68 @@ impl Engine {
         Ok(InFlight::new(request, v, raw_a, raw_b, true))
     }
 
-    /// Start-up recovery: registers a request read back from the requests topic. Requests of other
-    /// instances, already known ones and closed ones are ignored. Returns whether it was added.
-    pub fn recover_request(&mut self, request: LabelRequest) -> Result<bool> {
-        if !self.ledger.wants_recovery(&request) {
-            return Ok(false);
-        }
-        let f = self
-            .in_flight_from_request(request)
-            .map_err(|r| anyhow::anyhow!("recovered request: {r}"))?;
-        self.ledger.insert(f);
-        self.m.requests_recovered.increment(1);
+    /// Handles a message read at `offset` of requests-topic `partition` (at start-up and while running):
+    /// a request of any instance that is not known or closed is registered, so its labels are applied
+    /// here too; one of ours also advances the id sequence past it. A message that is not a request
+    /// (`Err`, with why) is skipped. Releases held labels whose request this was.
+    pub fn on_request(
+        &mut self,
+        request: std::result::Result<LabelRequest, String>,
+        partition: i32,
+        offset: i64,
+    ) {
+        self.ledger.advance_request_scan(partition, offset + 1);
         self.dirty = true;
-        self.update_gauges();
-        Ok(true)
+        match request {
+            Ok(r) => {
+                if self.ledger.wants(&r)
+                    && !self.unscaled.iter().any(|u| u.request_id == r.request_id)
+                {
+                    if self.learner.scaler().is_frozen() {
+                        self.register(r);
+                    } else {
+                        self.unscaled.push(r);
+                    }
+                }
+            }
+            Err(why) => {
+                self.m.requests_unreadable.increment(1);
+                tracing::warn!(partition, offset, error = %why, "message on the requests topic is not an armd.request.v1; skipped");
+            }
+        }
+        self.release_held(now_ms_f64() as i64);
     }
 
-    /// Records that a request was delivered at `offset` of requests-topic `partition`: a restart only needs
-    /// to scan that partition after it.
-    pub fn on_request_delivered(&mut self, partition: i32, offset: i64) {
-        self.ledger.on_request_delivered(partition, offset);
+    /// Registers a request read from the topic (the scaler is adopted).
+    fn register(&mut self, request: LabelRequest) {
+        let own = request.instance_id == self.cfg.daemon.instance_id;
+        let id = request.request_id.clone();
+        match self.in_flight_from_request(request) {
+            Ok(f) => {
+                self.ledger.insert(f);
+                if own {
+                    self.m.requests_recovered.increment(1);
+                } else {
+                    self.m.requests_other_instances.increment(1);
+                }
+                self.update_gauges();
+            }
+            Err(r) => {
+                self.m.requests_unreadable.increment(1);
+                tracing::warn!(request = %id, reason = %r, "request on the requests topic cannot be registered; its labels will be rejected");
+            }
+        }
+    }
+
+    /// Records that the requests consumer has handed over every request appended to the requests topic
+    /// before wall time `as_of_ms`. Held labels read before that moment whose request is still unknown
+    /// are now handled (and rejected as unknown).
+    pub fn on_requests_caught_up(&mut self, as_of_ms: i64) {
+        self.requests_read_until_ms = Some(
+            self.requests_read_until_ms
+                .map_or(as_of_ms, |t| t.max(as_of_ms)),
+        );
+        self.release_held(now_ms_f64() as i64);
     }
 
     /// Marks requests as delivered to the requests topic (ids of requests no longer in flight are ignored).
@@ -543,9 +765,10 @@ impl Engine {
         self.ledger.on_requests_delivered(ids);
     }
 
-    /// Sets the scan start of a requests-topic partition (after start-up recovery read up to `offset`).
-    pub fn set_request_scan_from(&mut self, partition: i32, offset: i64) {
-        self.ledger.set_request_scan_from(partition, offset);
+    /// Every request before `offset` of requests-topic `partition` has been handed over (start-up read the
+    /// partition to there); never moves back.
+    pub fn advance_request_scan(&mut self, partition: i32, offset: i64) {
+        self.ledger.advance_request_scan(partition, offset);
     }
 
     /// Sets the next offset of a labels partition that the checkpoint does not know yet.
@@ -559,7 +782,12 @@ impl Engine {
     /// Records that the labels consumer has handed over every label the labels topic held at wall time
     /// `as_of_ms` (its read position reached the high watermark fetched then); see [`Ledger::expire`].
     pub fn on_labels_caught_up(&mut self, as_of_ms: i64) {
-        self.ledger.on_labels_caught_up(as_of_ms);
+        if self.held.is_empty() {
+            self.ledger.on_labels_caught_up(as_of_ms);
+        } else {
+            // Labels before this mark are still held: it takes effect when they are applied.
+            self.held.push_back(Held::CaughtUp(as_of_ms));
+        }
     }
 
     /// Whether the labels topic has been read to its end at least once since start (the replay of labels
@@ -576,8 +804,8 @@ impl Engine {
         let expired = self.ledger.expire(now_ms, grace);
         self.m
             .requests_expired
-            .increment(expired.lapsed.len() as u64);
-        for f in &expired.lapsed {
+            .increment(expired.lapsed.iter().filter(|f| f.own).count() as u64);
+        for f in expired.lapsed.iter().filter(|f| f.own) {
             let back =
                 [(&f.request.a, &f.raw_a), (&f.request.b, &f.raw_b)].map(|(side, raw)| PoolEntry {
                     prompt_id: side.prompt_id.as_str().into(),
@@ -604,21 +832,72 @@ impl Engine {
     // ---------------------------------------------------------------------------------------------
     // Labels
 
-    /// Handles one message of the labels topic at `pos`, already decoded (or rejected by the decoder).
-    /// `timestamp_ms` is the Kafka message timestamp, used for the expiry decision. Rejections are queued
-    /// as dead letters with `payload`. The partition's next offset advances in every case.
-    pub fn on_label(
-        &mut self,
-        decoded: std::result::Result<LabelMsg, Rejection>,
-        payload: Option<&[u8]>,
-        pos: SourcePosition,
-        timestamp_ms: i64,
-        now_ms: i64,
-    ) -> LabelOutcome {
-        self.m.labels_received.increment(1);
+    /// Handles one message of the labels topic, already decoded (or rejected by the decoder). The Kafka
+    /// timestamp decides expiry. A label whose request is not known yet is held (see the module doc);
+    /// otherwise it is applied or rejected (a dead letter, see the module doc), and the partition's next
+    /// offset advances in every case.
+    pub fn on_label(&mut self, input: LabelInput, now_ms: i64) -> LabelOutcome {
+        if !self.held.is_empty() || self.must_wait(&input) {
+            self.held.push_back(Held::Label(input));
+            self.m.labels_held.set(self.held.len() as f64);
+            return LabelOutcome::Held;
+        }
+        self.apply_label(input, now_ms)
+    }
+
+    /// Whether a label names a request this instance has not read yet while the requests topic may still
+    /// hold it.
+    fn must_wait(&self, input: &LabelInput) -> bool {
+        let Ok(label) = &input.decoded else {
+            return false;
+        };
+        !self.ledger.knows(&label.request_id)
+            && self
+                .requests_read_until_ms
+                .is_none_or(|t| t < input.read_at_ms)
+    }
+
+    /// Handles the held messages at the front of the queue that can be handled now.
+    fn release_held(&mut self, now_ms: i64) {
+        while let Some(front) = self.held.front() {
+            if let Held::Label(l) = front {
+                if self.must_wait(l) {
+                    break;
+                }
+            }
+            match self.held.pop_front().expect("non-empty") {
+                Held::Label(l) => {
+                    self.apply_label(l, now_ms);
+                }
+                Held::Scaler(d, payload, pos) => {
+                    self.apply_scaler(d, payload.as_deref(), pos, now_ms)
+                }
+                Held::CaughtUp(t) => self.ledger.on_labels_caught_up(t),
+            }
+        }
+        self.m.labels_held.set(self.held.len() as f64);
+    }
+
+    fn advance_label_offset(&mut self, pos: &SourcePosition) {
         let next = self.label_offsets.entry(pos.partition).or_insert(0);
         *next = (*next).max(pos.offset + 1);
         self.dirty = true;
+    }
+
+    fn apply_label(&mut self, input: LabelInput, now_ms: i64) -> LabelOutcome {
+        let LabelInput {
+            decoded,
+            payload,
+            pos,
+            timestamp_ms,
+            ..
+        } = input;
+        self.m.labels_received.increment(1);
+        self.advance_label_offset(&pos);
+        let issuer = decoded
+            .as_ref()
+            .ok()
+            .and_then(|l| parse_request_id(&l.request_id).map(|(i, _)| i.to_string()));
         let outcome = match decoded {
             Err(r) => Err(r),
             Ok(label) => self.join(label, timestamp_ms),
@@ -627,17 +906,30 @@ impl Engine {
             Ok(o) => o,
             Err(r) => {
                 self.m.labels_rejected.get(r.reason).increment(1);
-                let dl = DeadLetter::new(
-                    &r,
-                    pos,
-                    payload,
-                    self.cfg.pool.dead_letter_payload_bytes,
-                    now_ms,
-                );
-                self.outbox.push(Output::DeadLetter(Box::new(dl)));
+                // One dead letter per bad label in a group: the issuer's (see the module doc).
+                if issuer.is_none_or(|i| i == self.cfg.daemon.instance_id) {
+                    self.dead_letter(&r, pos, payload.as_deref(), now_ms);
+                }
                 LabelOutcome::Rejected(r.reason)
             }
         }
+    }
+
+    fn dead_letter(
+        &mut self,
+        r: &Rejection,
+        pos: SourcePosition,
+        payload: Option<&[u8]>,
+        now_ms: i64,
+    ) {
+        let dl = DeadLetter::new(
+            r,
+            pos,
+            payload,
+            self.cfg.pool.dead_letter_payload_bytes,
+            now_ms,
+        );
+        self.outbox.push(Output::DeadLetter(Box::new(dl)));
     }
 
     fn join(
@@ -647,13 +939,10 @@ impl Engine {
     ) -> std::result::Result<LabelOutcome, Rejection> {
         let id = label.request_id;
         let annotator = label.annotator_id.unwrap_or_default();
-        let f = match self.ledger.join(&id, &annotator, timestamp_ms)? {
-            Join::Foreign => {
-                self.m.labels_foreign.increment(1);
-                return Ok(LabelOutcome::Foreign);
-            }
-            Join::Apply(f) => f,
-        };
+        let f: Join = self.ledger.join(&id, &annotator, timestamp_ms)?;
+        if !f.own {
+            self.m.labels_foreign.increment(1);
+        }
         self.learner.apply(&f.v, label.y).map_err(|e| {
             Rejection::new(
                 Reason::InvalidValue,
@@ -662,7 +951,7 @@ impl Engine {
         })?;
         let latency = (timestamp_ms - f.request.issued_at_ms).max(0) as f64 / 1000.0;
         self.m.label_latency.record(latency);
-        let apply_delay_ms = apply_delay_ms(timestamp_ms, wall_ms());
+        let apply_delay_ms = apply_delay_ms(timestamp_ms, now_ms_f64());
         self.m.label_apply_delay.record(apply_delay_ms / 1000.0);
         self.m.labels_applied.increment(1);
         tracing::debug!(request = %id, apply_delay_ms, labels_applied = self.learner.posterior().labels_applied(), "label applied");
@@ -729,7 +1018,16 @@ impl Engine {
                 .iter()
                 .map(|(&p, &o)| (p, o))
                 .collect(),
-            in_flight: self.ledger.checkpoint_in_flight(),
+            in_flight: self
+                .ledger
+                .checkpoint_in_flight()
+                .into_iter()
+                .chain(self.unscaled.iter().map(|r| InFlightState {
+                    request_json: serde_json::to_string(r).expect("serialisable"),
+                    labels_received: 0,
+                    annotators: Vec::new(),
+                }))
+                .collect(),
             closed: self.ledger.checkpoint_closed(),
         }
     }
@@ -768,6 +1066,9 @@ impl Engine {
         self.m
             .requests_in_flight
             .set(self.active_in_flight() as f64);
+        self.m
+            .requests_open_group
+            .set(self.ledger.open_all() as f64);
         self.learner.update_gauges();
     }
 

@@ -6,7 +6,6 @@
 //! reconnects by itself after a broker outage, so nothing here exits on a connection error — it only marks
 //! the broker as down until the next statistics report shows a connection up again.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -28,6 +27,7 @@ use super::telemetry::Metrics;
 pub enum Role {
     Responses,
     Labels,
+    Requests,
     Producer,
     /// Short-lived start-up clients (metadata, request recovery): they report nothing.
     Startup,
@@ -45,9 +45,10 @@ pub struct Health {
     pub labels_replayed: AtomicBool,
     responses_up: AtomicBool,
     labels_up: AtomicBool,
+    requests_up: AtomicBool,
     producer_up: AtomicBool,
     /// Monotonic ms (see [`Health::beat`]) of each worker thread's last loop iteration.
-    beats: [AtomicI64; 3],
+    beats: [AtomicI64; 4],
     /// Why the daemon is dying (a worker thread ended or stalled); `/healthz` reports it.
     fatal: Mutex<Option<String>>,
 }
@@ -58,15 +59,22 @@ pub enum Worker {
     Engine = 0,
     Responses = 1,
     Labels = 2,
+    Requests = 3,
 }
 
 impl Worker {
-    pub const ALL: [Worker; 3] = [Worker::Engine, Worker::Responses, Worker::Labels];
+    pub const ALL: [Worker; 4] = [
+        Worker::Engine,
+        Worker::Responses,
+        Worker::Labels,
+        Worker::Requests,
+    ];
     pub fn name(self) -> &'static str {
         match self {
             Worker::Engine => "engine",
             Worker::Responses => "responses consumer",
             Worker::Labels => "labels consumer",
+            Worker::Requests => "requests consumer",
         }
     }
 }
@@ -82,6 +90,7 @@ impl Health {
         match role {
             Role::Responses => Some(&self.responses_up),
             Role::Labels => Some(&self.labels_up),
+            Role::Requests => Some(&self.requests_up),
             Role::Producer => Some(&self.producer_up),
             Role::Startup => None,
         }
@@ -97,6 +106,7 @@ impl Health {
     pub fn broker_connected(&self) -> bool {
         self.responses_up.load(Ordering::Relaxed)
             && self.labels_up.load(Ordering::Relaxed)
+            && self.requests_up.load(Ordering::Relaxed)
             && self.producer_up.load(Ordering::Relaxed)
     }
 
@@ -222,6 +232,7 @@ impl ClientContext for Context {
         match self.role {
             Role::Responses => self.metrics.lag_responses.set(lag as f64),
             Role::Labels => self.metrics.lag_labels.set(lag as f64),
+            Role::Requests => self.metrics.lag_requests.set(lag as f64),
             _ => {}
         }
     }
@@ -290,15 +301,13 @@ pub struct PublishContext {
     inner: Context,
     requests_topic: String,
     models_topic: String,
+    labels_topic: String,
     delivered: Mutex<DeliveredRequests>,
 }
 
-/// Requests confirmed delivered. Offsets and ids are taken together under one lock, so a request not
-/// among the ids of a snapshot is delivered (if ever) after the snapshot's offsets.
+/// Requests confirmed delivered.
 #[derive(Debug, Default)]
 pub struct DeliveredRequests {
-    /// Highest delivered offset per requests-topic partition since start.
-    pub max_offset: BTreeMap<i32, i64>,
     /// Request ids delivered since the previous snapshot.
     pub ids: Vec<String>,
 }
@@ -323,8 +332,6 @@ impl ProducerContext for PublishContext {
             Ok(msg) => {
                 if msg.topic() == self.requests_topic {
                     let mut d = self.delivered.lock().unwrap_or_else(|p| p.into_inner());
-                    let e = d.max_offset.entry(msg.partition()).or_insert(-1);
-                    *e = (*e).max(msg.offset());
                     if let Some(key) = msg.key() {
                         d.ids.push(String::from_utf8_lossy(key).into_owned());
                     }
@@ -336,6 +343,8 @@ impl ProducerContext for PublishContext {
                     &m.publish_failures_requests
                 } else if msg.topic() == self.models_topic {
                     &m.publish_failures_models
+                } else if msg.topic() == self.labels_topic {
+                    &m.publish_failures_labels
                 } else {
                     &m.publish_failures_dead_letter
                 };
@@ -364,6 +373,7 @@ impl Publisher {
             inner: Context::new(Role::Producer, health, metrics),
             requests_topic: cfg.kafka.topics.requests.clone(),
             models_topic: cfg.kafka.topics.models.clone(),
+            labels_topic: cfg.kafka.topics.labels.clone(),
             delivered: Mutex::new(DeliveredRequests::default()),
         };
         let producer = c
@@ -390,7 +400,27 @@ impl Publisher {
     /// Enqueues one message; waits while the local queue is full. Returns false when the message was
     /// refused for another reason (logged and counted by the caller's topic).
     pub fn send(&self, topic: &str, key: &str, payload: &[u8]) -> bool {
-        let mut record = BaseRecord::to(topic).key(key).payload(payload);
+        self.send_record(topic, BaseRecord::to(topic).key(key).payload(payload))
+    }
+
+    /// [`Publisher::send`] to one partition of `topic`.
+    pub fn send_to_partition(
+        &self,
+        topic: &str,
+        partition: i32,
+        key: &str,
+        payload: &[u8],
+    ) -> bool {
+        self.send_record(
+            topic,
+            BaseRecord::to(topic)
+                .partition(partition)
+                .key(key)
+                .payload(payload),
+        )
+    }
+
+    fn send_record(&self, topic: &str, mut record: BaseRecord<'_, str, [u8]>) -> bool {
         let mut waited = Duration::ZERO;
         loop {
             match self.producer.send(record) {
@@ -415,8 +445,7 @@ impl Publisher {
         }
     }
 
-    /// Highest delivered offset per requests-topic partition since start, and the ids delivered since
-    /// the previous call (drained).
+    /// The request ids delivered since the previous call (drained).
     pub fn delivered_requests(&self) -> DeliveredRequests {
         let mut d = self
             .producer
@@ -425,7 +454,6 @@ impl Publisher {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         DeliveredRequests {
-            max_offset: d.max_offset.clone(),
             ids: std::mem::take(&mut d.ids),
         }
     }
@@ -436,6 +464,103 @@ impl Publisher {
             .flush(timeout)
             .map_err(|e| anyhow::anyhow!("producer flush: {e}"))
     }
+}
+
+/// Assigns every partition of `topic` at the given next offsets (the labels and requests consumers: no
+/// group management, positions from the checkpoint).
+pub fn assign_at(
+    consumer: &rdkafka::consumer::BaseConsumer<Context>,
+    topic: &str,
+    offsets: &std::collections::BTreeMap<i32, i64>,
+) -> anyhow::Result<()> {
+    use rdkafka::consumer::Consumer;
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for (&p, &o) in offsets {
+        tpl.add_partition_offset(topic, p, rdkafka::Offset::Offset(o))
+            .map_err(|e| anyhow::anyhow!("{topic}[{p}]: {e}"))?;
+    }
+    consumer
+        .assign(&tpl)
+        .map_err(|e| anyhow::anyhow!("cannot assign the partitions of {topic}: {e}"))
+}
+
+/// A consumer thread that reads whole topics at explicit positions (labels, requests): what it is.
+pub struct Tail<'a> {
+    pub topic: &'a str,
+    pub worker: Worker,
+    /// How often to check whether the read positions reached the topic's end.
+    pub check_every: Duration,
+}
+
+impl Tail<'_> {
+    /// Polls until `stop` from `positions` (where `consumer` was assigned), sending `message(msg)` for
+    /// each message and, whenever the positions are at the high watermarks, `caught_up(as_of_ms)` (see
+    /// [`read_to_end`]). Ends when the engine's channel is gone.
+    pub fn run(
+        &self,
+        consumer: &rdkafka::consumer::BaseConsumer<Context>,
+        mut positions: std::collections::BTreeMap<i32, i64>,
+        (health, stop, tx): (
+            &Health,
+            &AtomicBool,
+            &std::sync::mpsc::SyncSender<super::input::Input>,
+        ),
+        caught_up: impl Fn(i64) -> super::input::Input,
+        mut message: impl FnMut(&rdkafka::message::BorrowedMessage<'_>) -> super::input::Input,
+    ) {
+        use rdkafka::message::Message;
+        let mut last_error_log: Option<Instant> = None;
+        let mut last_check: Option<Instant> = None;
+        while !stop.load(Ordering::Relaxed) {
+            health.beat(self.worker);
+            if last_check.is_none_or(|t| t.elapsed() >= self.check_every) {
+                last_check = Some(Instant::now());
+                if let Some(as_of) = read_to_end(consumer, self.topic, &positions) {
+                    if tx.send(caught_up(as_of)).is_err() {
+                        break;
+                    }
+                }
+            }
+            let msg = match consumer.poll(Duration::from_millis(100)) {
+                None => continue,
+                Some(Err(e)) => {
+                    // During an outage every poll reports the same error; log it at most every 10 s.
+                    if last_error_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                        last_error_log = Some(Instant::now());
+                        tracing::warn!(error = %e, consumer = self.worker.name(), "consumer error (librdkafka keeps retrying)");
+                    }
+                    continue;
+                }
+                Some(Ok(msg)) => msg,
+            };
+            let input = message(&msg);
+            positions.insert(msg.partition(), msg.offset() + 1);
+            if tx.send(input).is_err() {
+                break;
+            }
+        }
+    }
+}
+
+/// The wall time (ms) as of which every message of `topic` has been read, if the read `positions` are at
+/// the high watermarks fetched now; `None` when behind or when the broker does not answer. The time is
+/// taken *before* the fetch: every message appended before it is below the watermarks.
+pub fn read_to_end(
+    consumer: &rdkafka::consumer::BaseConsumer<Context>,
+    topic: &str,
+    positions: &std::collections::BTreeMap<i32, i64>,
+) -> Option<i64> {
+    use rdkafka::consumer::Consumer;
+    let as_of = super::input::now_ms();
+    for (&p, &pos) in positions {
+        let (_, high) = consumer
+            .fetch_watermarks(topic, p, Duration::from_secs(2))
+            .ok()?;
+        if pos < high {
+            return None;
+        }
+    }
+    Some(as_of)
 }
 
 #[cfg(test)]
@@ -455,7 +580,7 @@ mod tests {
         h.beat(Worker::Engine);
         assert_eq!(
             h.stalled(Duration::from_millis(10)),
-            [Worker::Responses, Worker::Labels]
+            [Worker::Responses, Worker::Labels, Worker::Requests]
         );
         let reasons = h.not_live_reasons(Duration::from_millis(10));
         assert!(
@@ -478,7 +603,12 @@ mod tests {
     fn not_ready_until_the_labels_topic_was_replayed() {
         let h = Health::default();
         h.model_loaded.store(true, Ordering::Relaxed);
-        for role in [Role::Responses, Role::Labels, Role::Producer] {
+        for role in [
+            Role::Responses,
+            Role::Labels,
+            Role::Requests,
+            Role::Producer,
+        ] {
             h.set_broker_up(role, true);
         }
         h.mark_started();

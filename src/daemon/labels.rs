@@ -14,7 +14,7 @@
 //! monitoring tools only; armd never reads them back.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::mpsc::SyncSender;
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,9 +25,9 @@ use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::config::Config;
-use super::input::{now_ms, Input};
-use super::kafka::{client_config, Context, Health, Role, Worker};
-use super::messages::{Decoder, SourcePosition};
+use super::input::{now_ms, Input, LabelInput};
+use super::kafka::{client_config, Context, Health, Role, Tail, Worker};
+use super::messages::{Decoder, ScalerMsg, SourcePosition};
 use super::telemetry::Metrics;
 
 pub fn consumer(
@@ -42,22 +42,6 @@ pub fn consumer(
         .set("auto.offset.reset", "earliest");
     c.create_with_context(Context::new(Role::Labels, health, m))
         .map_err(|e| anyhow::anyhow!("cannot create the labels consumer: {e}"))
-}
-
-/// Assigns every partition of the labels topic at the given next offsets.
-pub fn assign(
-    consumer: &BaseConsumer<Context>,
-    topic: &str,
-    offsets: &BTreeMap<i32, i64>,
-) -> Result<()> {
-    let mut tpl = TopicPartitionList::new();
-    for (&p, &o) in offsets {
-        tpl.add_partition_offset(topic, p, Offset::Offset(o))
-            .map_err(|e| anyhow::anyhow!("labels partition {p}: {e}"))?;
-    }
-    consumer
-        .assign(&tpl)
-        .map_err(|e| anyhow::anyhow!("cannot assign the labels partitions: {e}"))
 }
 
 /// Commits checkpointed positions to `<group_id>.labels` (monitoring only; failures are harmless).
@@ -84,80 +68,57 @@ pub fn commit_positions(
 /// How often the labels thread checks whether it has read the labels topic to its end.
 pub const CATCH_UP_CHECK: Duration = Duration::from_millis(500);
 
-/// Polls until `stop`, starting at `positions` (the offsets [`assign`] was given).
+/// Polls until `stop`, starting at `positions` (where the consumer was assigned, `kafka::assign_at`).
+/// `armd.scaler.v1` messages (the group's scaling, see `engine`) go to the engine as such; everything
+/// else is a label.
 pub fn run(
     cfg: Arc<Config>,
     consumer: Arc<BaseConsumer<Context>>,
     tx: SyncSender<Input>,
     health: Arc<Health>,
-    mut positions: BTreeMap<i32, i64>,
+    positions: BTreeMap<i32, i64>,
     stop: Arc<AtomicBool>,
 ) {
     let decoder = Decoder::new(cfg.model.dim, cfg.pool.max_message_bytes);
-    let topic = cfg.kafka.topics.labels.as_str();
-    let mut last_error_log = None;
-    let mut last_check: Option<std::time::Instant> = None;
-    while !stop.load(Ordering::Relaxed) {
-        health.beat(Worker::Labels);
-        if last_check.is_none_or(|t| t.elapsed() >= CATCH_UP_CHECK) {
-            last_check = Some(std::time::Instant::now());
-            if let Some(as_of) = caught_up(&consumer, topic, &positions) {
-                if tx.send(Input::LabelsCaughtUp { as_of_ms: as_of }).is_err() {
-                    break;
-                }
-            }
-        }
-        let msg = match consumer.poll(Duration::from_millis(100)) {
-            None => continue,
-            Some(Err(e)) => {
-                // During an outage every poll reports the same error; log it at most every 10 s.
-                if last_error_log
-                    .is_none_or(|t: std::time::Instant| t.elapsed() >= Duration::from_secs(10))
-                {
-                    last_error_log = Some(std::time::Instant::now());
-                    tracing::warn!(error = %e, "labels consumer error (librdkafka keeps retrying)");
-                }
-                continue;
-            }
-            Some(Ok(msg)) => msg,
-        };
-        let decoded = decoder.label(msg.payload());
-        let input = Input::Label {
-            payload: if decoded.is_err() || msg.payload().is_some_and(|p| p.len() <= 4096) {
-                msg.payload().map(<[u8]>::to_vec)
-            } else {
-                None
-            },
-            decoded,
-            pos: SourcePosition {
+    let tail = Tail {
+        topic: &cfg.kafka.topics.labels,
+        worker: Worker::Labels,
+        check_every: CATCH_UP_CHECK,
+    };
+    tail.run(
+        &consumer,
+        positions,
+        (&health, &stop, &tx),
+        |as_of_ms| Input::LabelsCaughtUp { as_of_ms },
+        |msg| {
+            let pos = SourcePosition {
                 topic: msg.topic().to_string(),
                 partition: msg.partition(),
                 offset: msg.offset(),
-            },
-            timestamp_ms: msg.timestamp().to_millis().unwrap_or_else(now_ms),
-        };
-        positions.insert(msg.partition(), msg.offset() + 1);
-        if tx.send(input).is_err() {
-            break;
-        }
-    }
-}
-
-/// The wall time (ms) as of which every message of `topic` has been read, if the read `positions` are at
-/// the high watermarks fetched now; `None` when behind or when the broker does not answer.
-fn caught_up(
-    consumer: &BaseConsumer<Context>,
-    topic: &str,
-    positions: &BTreeMap<i32, i64>,
-) -> Option<i64> {
-    let as_of = now_ms();
-    for (&p, &pos) in positions {
-        let (_, high) = consumer
-            .fetch_watermarks(topic, p, Duration::from_secs(2))
-            .ok()?;
-        if pos < high {
-            return None;
-        }
-    }
-    Some(as_of)
+            };
+            if ScalerMsg::is_scaler(msg.payload()) {
+                let decoded = ScalerMsg::decode(msg.payload(), cfg.model.dim);
+                return Input::Scaler {
+                    payload: decoded
+                        .is_err()
+                        .then(|| msg.payload().map(<[u8]>::to_vec))
+                        .flatten(),
+                    decoded,
+                    pos,
+                };
+            }
+            let decoded = decoder.label(msg.payload());
+            Input::Label(LabelInput {
+                payload: if decoded.is_err() || msg.payload().is_some_and(|p| p.len() <= 4096) {
+                    msg.payload().map(<[u8]>::to_vec)
+                } else {
+                    None
+                },
+                decoded,
+                pos,
+                timestamp_ms: msg.timestamp().to_millis().unwrap_or_else(now_ms),
+                read_at_ms: now_ms(),
+            })
+        },
+    );
 }

@@ -1,8 +1,10 @@
 //! The learner: the frozen feature scaler and the posterior over θ, the label update, and the refit
 //! cadence. It knows nothing of requests or Kafka; the engine hands it difference vectors and labels.
 //!
-//! - **Scaler**: fed the first `warmup_samples` responses, then frozen; part of the model from then on
-//!   (a scaled difference is only meaningful under the scaler that made it).
+//! - **Scaler**: the instance's own warm-up ([`Learner::observe`]) only makes a *proposal*; the scaler the
+//!   model uses is the one the group adopted ([`Learner::adopt`], the first `armd.scaler.v1` on the labels
+//!   topic), so every instance of a group scales alike. Part of the model from then on (a scaled
+//!   difference is only meaningful under the scaler that made it).
 //! - **Refit** (docs/design.md §3.3): at deterministic label counts ([`crate::posterior::refit_due`]) a
 //!   [`RefitJob`] snapshot runs on its own thread; [`Learner::poll_refit`] installs it, re-applying newer
 //!   labels on top. The result does not depend on *when* it is installed (the same labels are re-applied
@@ -41,7 +43,11 @@ pub struct Learner {
     cfg: Arc<Config>,
     m: Arc<Metrics>,
     posterior: Posterior,
+    /// The adopted scaler (unfrozen until [`Learner::adopt`]).
     scaler: Scaler,
+    /// This instance's warm-up statistics: the proposal it makes.
+    warmup: Scaler,
+    warmup_samples: u64,
     refit: Option<PendingRefit>,
 }
 
@@ -52,7 +58,9 @@ impl Learner {
         let d = cfg.model.dim;
         Ok(Self {
             posterior: Posterior::new(d, cfg.model.prior_precision.initial(f64::NAN))?,
-            scaler: Scaler::new(cfg.model.scaling, d)?,
+            scaler: Scaler::new(cfg.model.scaling, d)?.unfrozen(),
+            warmup: Scaler::new(cfg.model.scaling, d)?,
+            warmup_samples: 0,
             refit: None,
             cfg,
             m,
@@ -121,41 +129,62 @@ impl Learner {
         })
     }
 
-    /// Feeds a warm-up sample while the scaler is not frozen; returns whether it froze now.
+    /// Feeds a warm-up sample while no scaler is adopted; returns whether this instance's proposal is now
+    /// ready ([`Learner::proposal`]): after `model.warmup_samples` responses (at least one).
     pub fn observe(&mut self, raw: &[f32]) -> bool {
-        if self.scaler.is_frozen() {
+        let want = self.cfg.model.warmup_samples.max(1);
+        if self.scaler.is_frozen() || self.warmup_samples >= want {
             return false;
         }
-        if let Err(e) = self.scaler.observe(raw) {
-            // Cannot happen for a decoded response (dimension and finiteness are checked); keep going.
-            tracing::warn!(error = %e, "warm-up sample rejected by the scaler");
-        }
-        self.m
-            .scaler_warmup_samples
-            .set(self.scaler.samples() as f64);
-        if self.scaler.samples() < self.cfg.model.warmup_samples {
-            return false;
-        }
-        match self.scaler.freeze() {
-            Ok(()) => {
-                tracing::info!(
-                    samples = self.scaler.samples(),
-                    scaling = %self.scaler.scaling(),
-                    "feature scaler frozen; selection can start"
-                );
-                self.m.scaler_frozen.set(1.0);
-                true
+        if self.warmup.scaling().standardizes() {
+            if let Err(e) = self.warmup.observe(raw) {
+                // Cannot happen for a decoded response (dimension and finiteness are checked); keep going.
+                tracing::warn!(error = %e, "warm-up sample rejected by the scaler");
+                return false;
             }
+        }
+        self.warmup_samples += 1;
+        self.m.scaler_warmup_samples.set(self.warmup_samples as f64);
+        if self.warmup_samples < want {
+            return false;
+        }
+        match self.warmup.freeze() {
+            Ok(()) => true,
             Err(e) => {
-                tracing::warn!(error = %e, "cannot freeze the scaler yet");
+                tracing::warn!(error = %e, "cannot freeze the warm-up scaler yet");
+                self.warmup_samples -= 1;
                 false
             }
         }
     }
 
+    /// This instance's frozen warm-up scaler and its sample count, once [`Learner::observe`] said so.
+    pub fn proposal(&self) -> Option<(&Scaler, u64)> {
+        (self.warmup.is_frozen() && self.warmup_samples >= self.cfg.model.warmup_samples.max(1))
+            .then_some((&self.warmup, self.warmup_samples))
+    }
+
+    /// Adopts the group's scaler (the first proposal on the labels topic) and, with `auto`, starts the prior
+    /// from the proposal's `pair_spread`. Returns false (and changes nothing) when a scaler is already
+    /// adopted: later proposals are ignored.
+    pub fn adopt(&mut self, mean: Vec<f64>, inv_std: Vec<f64>, pair_spread: f64) -> Result<bool> {
+        if self.scaler.is_frozen() {
+            return Ok(false);
+        }
+        self.scaler = Scaler::from_parts(mean, inv_std, self.cfg.model.scaling)
+            .context("the group's scaler")?;
+        self.start_auto_prior(pair_spread);
+        tracing::info!(
+            scaling = %self.scaler.scaling(),
+            "feature scaler adopted; selection can start"
+        );
+        self.m.scaler_frozen.set(1.0);
+        Ok(true)
+    }
+
     /// With `auto`, before any label: starts the evidence iteration at the data's scale (`spread`, the
     /// mean squared norm of a random difference vector).
-    pub fn start_auto_prior(&mut self, spread: f64) {
+    fn start_auto_prior(&mut self, spread: f64) {
         if !self.cfg.model.prior_precision.is_auto() || self.posterior.labels_applied() > 0 {
             return;
         }
@@ -398,8 +427,20 @@ mod tests {
             let x: Vec<f32> = (0..D).map(|_| rng.random_range(5.0f32..9.0)).collect();
             froze += usize::from(l.observe(&x));
         }
-        assert_eq!(froze, 1, "freezes exactly once, at warmup_samples");
+        assert_eq!(
+            froze, 1,
+            "the proposal is ready exactly once, at warmup_samples"
+        );
+        assert!(
+            !l.scaler().is_frozen(),
+            "a proposal is not adopted by itself"
+        );
+        let (s, n) = l.proposal().unwrap();
+        assert_eq!(n, 10);
+        let (mean, inv) = (s.mean().to_vec(), s.inv_std().to_vec());
+        assert!(l.adopt(mean.clone(), inv.clone(), f64::NAN).unwrap());
         assert!(l.scaler().is_frozen());
+        assert!(!l.adopt(mean, inv, f64::NAN).unwrap(), "only the first one");
         l
     }
 

@@ -1,6 +1,13 @@
-//! The request ledger: the requests this instance issued that may still receive labels, the ids of closed
-//! ones, the id sequence and the requests-topic scan positions, and the rules that decide what a label
-//! for a request means. It knows nothing of the posterior or the pool; the engine asks it and acts.
+//! The request ledger: the requests of the whole group (this instance's and, read from the requests topic,
+//! every other instance's) that may still receive labels, the ids of closed ones, this instance's id
+//! sequence and the requests-topic read positions, and the rules that decide what a label for a request
+//! means. It knows nothing of the posterior or the pool; the engine asks it and acts.
+//!
+//! - **Whose request**: every instance applies every label, so it needs every request's pair. A request is
+//!   *own* when this instance issued it; only own requests count against this instance's in-flight budget
+//!   and give their responses back to its pool when they lapse. Selection conditions on the open requests
+//!   of all instances ([`Ledger::open_vectors`]), and no pair that is open anywhere is issued again
+//!   ([`Ledger::pair_open`]).
 //!
 //! - **Request ids**: `<instance>-<sequence>-<hash(instance, sequence, response ids)>`. The sequence is
 //!   checkpointed and recovered from the requests topic, and the hash covers the pair, so an id never
@@ -22,7 +29,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use super::checkpoint::{Closed, InFlightState};
-use super::messages::{parse_request_id, LabelRequest, Reason, Rejection};
+use super::messages::{LabelRequest, Reason, Rejection};
 
 /// An issued request that may still receive labels.
 #[derive(Clone, Debug)]
@@ -39,6 +46,8 @@ pub struct InFlight {
     /// Known to be on the requests topic: its delivery was confirmed, or it was restored from a checkpoint
     /// or read back from the topic. See [`Ledger::checkpoint_in_flight`].
     pub delivered: bool,
+    /// Issued by this instance (set by [`Ledger::insert`]).
+    pub own: bool,
 }
 
 impl InFlight {
@@ -59,7 +68,26 @@ impl InFlight {
             annotators: Vec::new(),
             lapsed: false,
             delivered,
+            own: false,
         }
+    }
+
+    /// The pair's identity, independent of order: `prompt␟response` of both sides, sorted.
+    fn pair_key(&self) -> (String, String) {
+        pair_key(
+            (&self.request.a.prompt_id, &self.request.a.response_id),
+            (&self.request.b.prompt_id, &self.request.b.response_id),
+        )
+    }
+}
+
+fn pair_key(a: (&str, &str), b: (&str, &str)) -> (String, String) {
+    let k = |(p, r): (&str, &str)| format!("{p}\u{1f}{r}");
+    let (ka, kb) = (k(a), k(b));
+    if ka <= kb {
+        (ka, kb)
+    } else {
+        (kb, ka)
     }
 }
 
@@ -87,14 +115,9 @@ impl ClosedSet {
     }
 }
 
-/// What a label means for the ledger.
-#[derive(Debug)]
-pub enum Join<'a> {
-    /// Apply it with this request's difference vector, then call [`Ledger::record_label`].
-    Apply(&'a InFlight),
-    /// For a request of another instance: skip it (not an error).
-    Foreign,
-}
+/// What a label means for the ledger: apply it with this request's difference vector, then call
+/// [`Ledger::record_label`].
+pub type Join<'a> = &'a InFlight;
 
 /// What [`Ledger::expire`] changed.
 #[derive(Debug, Default)]
@@ -110,6 +133,9 @@ pub struct Expired {
 pub struct Ledger {
     instance_id: String,
     in_flight: BTreeMap<String, InFlight>,
+    /// Pair keys of the entries of `in_flight`, with how many entries name each (two instances may pick
+    /// the same pair in the moment before either has read the other's request).
+    pairs: HashMap<(String, String), u32>,
     closed: ClosedSet,
     next_sequence: u64,
     request_scan_from: BTreeMap<i32, i64>,
@@ -124,6 +150,7 @@ impl Ledger {
         Self {
             instance_id: instance_id.to_string(),
             in_flight: BTreeMap::new(),
+            pairs: HashMap::new(),
             closed: ClosedSet {
                 capacity: closed_history,
                 ..Default::default()
@@ -148,7 +175,7 @@ impl Ledger {
             self.closed.insert(id, why);
         }
         for f in in_flight {
-            self.in_flight.insert(f.request.request_id.clone(), f);
+            self.insert(f);
         }
     }
 
@@ -163,14 +190,52 @@ impl Ledger {
         s
     }
 
-    /// Registers a request just issued.
-    pub fn insert(&mut self, f: InFlight) {
-        self.in_flight.insert(f.request.request_id.clone(), f);
+    /// Registers a request: one just issued, restored, or read from the requests topic.
+    pub fn insert(&mut self, mut f: InFlight) {
+        f.own = f.request.instance_id == self.instance_id;
+        let key = f.pair_key();
+        if self
+            .in_flight
+            .insert(f.request.request_id.clone(), f)
+            .is_none()
+        {
+            *self.pairs.entry(key).or_default() += 1;
+        }
     }
 
-    /// Requests counting against the in-flight budget (not lapsed).
+    fn remove(&mut self, id: &str) -> Option<InFlight> {
+        let f = self.in_flight.remove(id)?;
+        let key = f.pair_key();
+        if let Some(n) = self.pairs.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                self.pairs.remove(&key);
+            }
+        }
+        Some(f)
+    }
+
+    /// Whether a request of any instance that can still take labels names this pair (either order).
+    pub fn pair_open(&self, a: (&str, &str), b: (&str, &str)) -> bool {
+        !self.pairs.is_empty() && self.pairs.contains_key(&pair_key(a, b))
+    }
+
+    /// This instance's requests counting against its in-flight budget (not lapsed).
     pub fn active(&self) -> usize {
+        self.in_flight
+            .values()
+            .filter(|f| f.own && !f.lapsed)
+            .count()
+    }
+
+    /// Open requests of every instance (not lapsed).
+    pub fn open_all(&self) -> usize {
         self.in_flight.values().filter(|f| !f.lapsed).count()
+    }
+
+    /// Whether request `id` is known (in flight) or remembered as closed.
+    pub fn knows(&self, id: &str) -> bool {
+        self.in_flight.contains_key(id) || self.closed.get(id).is_some()
     }
 
     /// Ids of every request that can still take a label (lapsed ones included).
@@ -178,7 +243,7 @@ impl Ledger {
         self.in_flight.keys().cloned().collect()
     }
 
-    /// Difference vectors of the requests counting against the budget (selection conditions on them).
+    /// Difference vectors of the open requests of every instance (selection conditions on them).
     pub fn open_vectors(&self) -> Vec<Vec<f64>> {
         self.in_flight
             .values()
@@ -187,17 +252,21 @@ impl Ledger {
             .collect()
     }
 
-    /// Start-up recovery, first half: whether a request read back from the requests topic should be
-    /// rebuilt (ours, not known, not closed). Advances the sequence past it either way when it is ours
-    /// and new: the sequence number is used even if the pair cannot be rebuilt.
-    pub fn wants_recovery(&mut self, request: &LabelRequest) -> bool {
-        if request.instance_id != self.instance_id
-            || self.in_flight.contains_key(&request.request_id)
-            || self.closed.get(&request.request_id).is_some()
-        {
+    /// Whether a request read from the requests topic should be registered (not known, not closed; any
+    /// instance's). An own one marks the known entry delivered, and a new own one advances the sequence
+    /// past it: the sequence number is used even if the pair cannot be rebuilt.
+    pub fn wants(&mut self, request: &LabelRequest) -> bool {
+        let own = request.instance_id == self.instance_id;
+        if let Some(f) = self.in_flight.get_mut(&request.request_id) {
+            f.delivered = true;
             return false;
         }
-        self.next_sequence = self.next_sequence.max(request.sequence.saturating_add(1));
+        if self.closed.get(&request.request_id).is_some() {
+            return false;
+        }
+        if own {
+            self.next_sequence = self.next_sequence.max(request.sequence.saturating_add(1));
+        }
         true
     }
 
@@ -205,11 +274,11 @@ impl Ledger {
         &self.request_scan_from
     }
 
-    /// A request was delivered at `offset` of requests-topic `partition`: a restart only needs to scan that
-    /// partition after it.
-    pub fn on_request_delivered(&mut self, partition: i32, offset: i64) {
-        let e = self.request_scan_from.entry(partition).or_insert(0);
-        *e = (*e).max(offset + 1);
+    /// Every request before `offset` of requests-topic `partition` has been read (a restart reads on from
+    /// there). Never moves back.
+    pub fn advance_request_scan(&mut self, partition: i32, offset: i64) {
+        let e = self.request_scan_from.entry(partition).or_insert(offset);
+        *e = (*e).max(offset);
     }
 
     /// Marks requests as delivered to the requests topic (ids no longer in flight are ignored).
@@ -219,11 +288,6 @@ impl Ledger {
                 f.delivered = true;
             }
         }
-    }
-
-    /// Sets the scan start of a requests-topic partition (after start-up recovery read up to `offset`).
-    pub fn set_request_scan_from(&mut self, partition: i32, offset: i64) {
-        self.request_scan_from.insert(partition, offset);
     }
 
     /// Every label appended to the labels topic before wall time `as_of_ms` has been handed over. Earlier
@@ -259,7 +323,7 @@ impl Ledger {
         }
         out.forgotten = forget.len();
         for id in forget {
-            self.in_flight.remove(&id);
+            self.remove(&id);
             self.closed.insert(id, Closed::Expired);
         }
         out
@@ -283,15 +347,12 @@ impl Ledger {
                     Reason::ExpiredRequest,
                     format!("request {id} expired"),
                 )),
-                None => match parse_request_id(id) {
-                    Some((instance, _)) if instance != self.instance_id => Ok(Join::Foreign),
-                    _ => Err(Rejection::new(
-                        Reason::UnknownRequest,
-                        format!(
-                            "no request {id} was issued by this instance (or it is too old to remember)"
-                        ),
-                    )),
-                },
+                None => Err(Rejection::new(
+                    Reason::UnknownRequest,
+                    format!(
+                        "no request {id} is on the requests topic as read (or it is too old to remember)"
+                    ),
+                )),
             };
         };
         if timestamp_ms > f.request.expires_at_ms {
@@ -313,7 +374,7 @@ impl Ledger {
                 },
             ));
         }
-        Ok(Join::Apply(f))
+        Ok(f)
     }
 
     /// Records an applied label of a joined request; returns whether the request is now closed.
@@ -325,16 +386,17 @@ impl Ledger {
         f.labels_received += 1;
         let closed = f.labels_received >= f.request.labels_wanted;
         if closed {
-            self.in_flight.remove(id);
+            self.remove(id);
             self.closed.insert(id.to_string(), Closed::Labelled);
         }
         closed
     }
 
-    /// The in-flight requests a checkpoint keeps: delivered ones and ones with a label. A request whose
-    /// delivery is not confirmed could never reach an annotator if the process died now; restoring it
-    /// would hold in-flight budget until it expired. If it is delivered after all, it lands after the
-    /// checkpoint's scan offsets and start-up recovery reads it back.
+    /// The in-flight requests a checkpoint keeps: delivered ones (other instances' always are) and ones
+    /// with a label. A request whose delivery is not confirmed could never reach an annotator if the
+    /// process died now; restoring it would hold in-flight budget until it expired. If it is delivered
+    /// after all, it lands after the checkpoint's read positions (it was not read back yet, or it would be
+    /// marked delivered) and is read again after the restart.
     pub fn checkpoint_in_flight(&self) -> Vec<InFlightState> {
         self.in_flight
             .values()
@@ -397,7 +459,7 @@ mod tests {
     }
 
     fn applies(l: &Ledger, id: &str, who: &str, t: i64) -> bool {
-        matches!(l.join(id, who, t), Ok(Join::Apply(_)))
+        l.join(id, who, t).is_ok()
     }
 
     fn reason(l: &Ledger, id: &str, who: &str, t: i64) -> Reason {
@@ -416,17 +478,55 @@ mod tests {
         assert!(l.record_label(id, String::new()));
         assert_eq!(reason(&l, id, "ann-3", 13), Reason::DuplicateLabel);
         assert_eq!(l.active(), 0);
-        // Unknown ids of ours are errors; another instance's are skipped.
-        let other = request("you", 7, 1000, 1);
-        assert!(matches!(
-            l.join(&other.request_id, "", 0),
-            Ok(Join::Foreign)
-        ));
-        let unknown = request("me", 9, 1000, 1);
+        // A request nobody has read is unknown, whoever's id it carries.
+        for unknown in [request("you", 7, 1000, 1), request("me", 9, 1000, 1)] {
+            assert_eq!(
+                reason(&l, &unknown.request_id, "", 0),
+                Reason::UnknownRequest
+            );
+        }
+    }
+
+    #[test]
+    fn other_instances_requests_take_labels_and_condition_selection_but_not_the_budget() {
+        let mine = request("me", 0, 1000, 1);
+        let mut l = ledger_with(std::slice::from_ref(&mine));
+        let mut theirs = request("you", 7, 2000, 1);
+        theirs.a.response_id = "c".into();
+        theirs.request_id = crate::daemon::messages::request_id("you", 7, "c", "b");
+        assert!(l.wants(&theirs));
         assert_eq!(
-            reason(&l, &unknown.request_id, "", 0),
-            Reason::UnknownRequest
+            l.next_sequence(),
+            1,
+            "another instance's sequence is not ours"
         );
+        l.insert(InFlight::new(
+            theirs.clone(),
+            vec![2.0],
+            vec![],
+            vec![],
+            true,
+        ));
+        assert_eq!((l.active(), l.open_all()), (1, 2));
+        assert_eq!(l.open_vectors().len(), 2);
+        assert!(l.pair_open(("p", "b"), ("p", "c")), "either order");
+        assert!(l.pair_open(("p", "a"), ("p", "b")));
+        assert!(!l.pair_open(("p", "a"), ("p", "c")));
+        assert!(
+            !l.pair_open(("q", "a"), ("p", "b")),
+            "prompt is part of the identity"
+        );
+        assert!(applies(&l, &theirs.request_id, "ann", 10));
+        assert!(l.record_label(&theirs.request_id, "ann".into()));
+        assert!(
+            !l.pair_open(("p", "b"), ("p", "c")),
+            "closed pairs are free again"
+        );
+        assert!(!l.wants(&theirs), "closed");
+        // A lapsed request of another instance never counts against our budget.
+        let e = l.expire(1000, 0);
+        assert_eq!(e.lapsed.len(), 1);
+        assert!(e.lapsed[0].own);
     }
 
     #[test]
@@ -452,18 +552,21 @@ mod tests {
     }
 
     #[test]
-    fn recovery_skips_known_closed_and_foreign_requests_and_advances_the_sequence() {
+    fn reading_requests_skips_known_and_closed_ones_and_advances_our_sequence() {
         let r0 = request("me", 0, 1000, 1);
-        let mut l = ledger_with(std::slice::from_ref(&r0));
-        assert!(!l.wants_recovery(&r0), "known");
-        assert!(!l.wants_recovery(&request("you", 50, 1000, 1)), "foreign");
+        let mut l = Ledger::new("me", 4);
+        l.take_sequence();
+        l.insert(InFlight::new(r0.clone(), vec![1.0], vec![], vec![], false));
+        assert!(!l.wants(&r0), "known");
+        assert_eq!(l.checkpoint_in_flight().len(), 1, "read back: delivered");
+        assert!(l.wants(&request("you", 50, 1000, 1)), "another instance's");
         assert_eq!(l.next_sequence(), 1);
         let r5 = request("me", 5, 1000, 1);
-        assert!(l.wants_recovery(&r5));
+        assert!(l.wants(&r5));
         assert_eq!(l.next_sequence(), 6);
         l.insert(InFlight::new(r5.clone(), vec![1.0], vec![], vec![], true));
         assert!(l.record_label(&r5.request_id, String::new()));
-        assert!(!l.wants_recovery(&r5), "closed");
+        assert!(!l.wants(&r5), "closed");
     }
 
     #[test]

@@ -7,8 +7,9 @@
 //! | topic | direction | schema | type |
 //! |---|---|---|---|
 //! | responses | in | `armd.response.v1` | [`Response`] |
-//! | requests | out (and read back on recovery) | `armd.request.v1` | [`LabelRequest`] |
+//! | requests | out, and read back by every instance | `armd.request.v1` | [`LabelRequest`] |
 //! | labels | in | `armd.label.v1` | [`LabelMsg`] |
+//! | labels, partition 0 | out and in | `armd.scaler.v1` | [`ScalerMsg`] (the group's feature scaling) |
 //! | models | out | `armd.model.v1` | [`ModelSnapshot`] |
 //! | dead letters | out | `armd.dead_letter.v1` | [`DeadLetter`] |
 //!
@@ -38,6 +39,7 @@ use serde_json::Value;
 mod decode;
 mod embedding;
 pub mod reason;
+mod scaler;
 mod scan;
 mod strict;
 #[cfg(test)]
@@ -47,6 +49,7 @@ pub use self::decode::Decoder;
 use self::embedding::*;
 pub use self::embedding::{decode_f32_b64, encode_f32_b64};
 pub use self::reason::{Reason, Rejection};
+pub use self::scaler::{decode_f64_b64, encode_f64_b64, ScalerMsg};
 use self::strict::*;
 
 pub const RESPONSE_SCHEMA: &str = "armd.response.v1";
@@ -54,6 +57,7 @@ pub const REQUEST_SCHEMA: &str = "armd.request.v1";
 pub const LABEL_SCHEMA: &str = "armd.label.v1";
 pub const MODEL_SCHEMA: &str = "armd.model.v1";
 pub const DEAD_LETTER_SCHEMA: &str = "armd.dead_letter.v1";
+pub const SCALER_SCHEMA: &str = "armd.scaler.v1";
 
 /// Longest accepted prompt, response, request or annotator id, in bytes.
 pub const MAX_ID_BYTES: usize = 256;

@@ -2,10 +2,10 @@
 //!
 //! ```text
 //! responses ─► ingest thread ─(decode)─► ┐                         ┌─► requests topic
-//!                       └─► dead letters │ bounded channel          │
-//! labels ────► labels thread ─(decode)─► ┴─► engine thread ─────────┼─► models topic, model.npy/json
-//!                                            (pool, posterior,      ├─► dead letters
-//!                                             selection, refits)    └─► checkpoint file
+//!                       └─► dead letters │ bounded channel          ├─► labels topic (scaler proposal)
+//! labels ────► labels thread ─(decode)─► ┼─► engine thread ─────────┼─► models topic, model.npy/json
+//! requests ──► requests thread ────────► ┘   (pool, ledger,         ├─► dead letters
+//!   (every instance's)                        posterior, selection)  └─► checkpoint file
 //! HTTP (tokio): /metrics /healthz /readyz
 //! ```
 //!
@@ -13,13 +13,14 @@
 //! - [`config`]: TOML + `ARMD__SECTION__KEY` overrides → validated [`config::Config`].
 //! - [`messages`]: wire schemas (`armd.<kind>.v1`) and decoders with stable rejection reasons.
 //! - [`engine`]: the single owner of model state (pool, in-flight requests, posterior, refits); pure logic.
-//! - [`ledger`]: the requests in flight and closed, and the rules of the label join, expiry and recovery.
+//! - [`ledger`]: the group's requests in flight and closed, and the rules of the label join, expiry and
+//!   recovery.
 //! - [`learner`]: the feature scaler, the posterior and its update, refits and consolidation.
 //! - [`pool`]: the bounded candidate pool.
 //! - [`checkpoint`]: the atomic, versioned, checksummed state file; exactly-once for labels.
 //! - [`export`]: `.npy` + JSON model files.
-//! - [`kafka`], [`ingest`], [`labels`], [`recovery`], [`driver`]: thin Kafka I/O around the engine;
-//!   [`input`] is what the consumer threads send the engine thread.
+//! - [`kafka`], [`ingest`], [`labels`], [`requests`], [`recovery`], [`driver`]: thin Kafka I/O around
+//!   the engine; [`input`] is what the consumer threads send the engine thread.
 //! - [`http`], [`telemetry`]: the HTTP endpoints, the metric catalogue and logging.
 //! - [`topics`]: `armd topics create` (the topics, their partitions and retention).
 //! - [`alloc`]: glibc malloc tuning: large blocks always on mmap, so freed round matrices leave RSS.
@@ -31,14 +32,15 @@
 //! onto the checkpointed posterior, and replay is deterministic: label expiry is judged from the label's
 //! Kafka timestamp and refits snapshot at fixed label counts (see [`engine`]).
 //!
-//! **Recovery of in-flight requests**: see [`recovery`].
+//! **Requests of the whole group, and recovery after a crash**: see [`recovery`] and [`requests`].
 //!
-//! **Several instances.** Each instance needs its own `daemon.instance_id` and `checkpoint.path`. They
-//! share the responses consumer group, so each instance pools (and selects from) its own share of the
-//! responses partitions. Every instance reads *all* labels partitions, applies the labels of its own
-//! requests (request ids carry the instance id) and skips others' (`armd_labels_foreign_total`), so
-//! each instance's posterior learns from the labels of the pairs it chose. (A shared replica of one
-//! posterior would need every instance to also tail the requests topic; not implemented.)
+//! **Several instances: one model.** Each instance needs its own `daemon.instance_id` and
+//! `checkpoint.path`. They share the responses consumer group, so each pools (and selects from) its own
+//! share of the responses partitions. Every instance reads *all* of the requests topic ([`requests`]) and
+//! *all* of the labels topic and applies every label, in the labels topic's order, so every instance
+//! holds the same posterior; the feature scaling is the group's (the first `armd.scaler.v1` proposal on
+//! the labels topic, see [`engine`]); selection conditions on every instance's open requests. See
+//! docs/design.md §7.5.
 //!
 //! **Shutdown** (the future passed to [`run`] resolves, e.g. on SIGTERM/SIGINT): `/readyz` turns 503,
 //! the consumers stop fetching, the engine drains what they delivered, exports the model, flushes the
@@ -60,6 +62,7 @@ pub mod ledger;
 pub mod messages;
 pub mod pool;
 pub mod recovery;
+pub mod requests;
 pub mod telemetry;
 pub mod topics;
 
@@ -159,6 +162,7 @@ pub async fn run_with_listener(
         driver,
         ingest,
         labels,
+        requests,
     } = parts;
     let engine_thread = std::thread::Builder::new()
         .name("armd-engine".into())
@@ -173,7 +177,7 @@ pub async fn run_with_listener(
             tokio::select! {
                 () = &mut shutdown => break None,
                 _ = tick.tick() => {
-                    if let Some(why) = worker_failure(&engine_thread, &ingest, &labels, &health, timeout) {
+                    if let Some(why) = worker_failure(&engine_thread, &[&ingest, &labels, &requests], &health, timeout) {
                         break Some(why);
                     }
                 }
@@ -189,6 +193,7 @@ pub async fn run_with_listener(
     let joined = tokio::task::spawn_blocking(move || {
         let _ = ingest.join();
         let _ = labels.join();
+        let _ = requests.join();
         engine_thread.join()
     })
     .await
@@ -210,19 +215,18 @@ const DYING_LINGER: std::time::Duration = std::time::Duration::from_secs(2);
 /// not iterated for `timeout`.
 fn worker_failure(
     engine: &std::thread::JoinHandle<Result<()>>,
-    ingest: &std::thread::JoinHandle<()>,
-    labels: &std::thread::JoinHandle<()>,
+    consumers: &[&std::thread::JoinHandle<()>],
     health: &Health,
     timeout: std::time::Duration,
 ) -> Option<String> {
     if engine.is_finished() {
         return Some("the engine thread ended".into());
     }
-    if ingest.is_finished() {
-        return Some("the responses consumer thread ended".into());
-    }
-    if labels.is_finished() {
-        return Some("the labels consumer thread ended".into());
+    if let Some(t) = consumers.iter().find(|t| t.is_finished()) {
+        return Some(format!(
+            "the {} thread ended",
+            t.thread().name().unwrap_or("consumer")
+        ));
     }
     health
         .stalled(timeout)
@@ -271,6 +275,7 @@ struct Started {
     driver: Driver,
     ingest: std::thread::JoinHandle<()>,
     labels: std::thread::JoinHandle<()>,
+    requests: std::thread::JoinHandle<()>,
 }
 
 /// Loads the checkpoint, connects to Kafka, recovers requests, positions the labels consumer and starts
@@ -317,7 +322,7 @@ fn start(
     let timeout = cfg.kafka.startup_timeout;
     let label_parts =
         recovery::wait_for_partitions(&labels_consumer, &cfg.kafka.topics.labels, timeout, &stop)?;
-    let recovered = recovery::recover_requests(
+    let read = recovery::read_requests(
         &cfg,
         &mut engine,
         &labels_consumer,
@@ -325,14 +330,15 @@ fn start(
         &metrics,
         &stop,
     )?;
-    if recovered > 0 {
+    if read > 0 {
         tracing::info!(
-            recovered,
-            "requests issued after the checkpoint recovered from the requests topic"
+            messages = read,
+            open_requests = engine.in_flight_ids().len(),
+            "requests topic read to its end"
         );
     }
-    // Labels partitions the checkpoint does not know: on a fresh start, older labels cannot belong to our
-    // requests, so start at the end; a partition added later starts at its beginning.
+    // Labels partitions the checkpoint does not know start at their beginning: a new instance learns
+    // every label its group has (and the group's scaler, the first message), like the others did.
     let marks = recovery::watermarks(
         &labels_consumer,
         &cfg.kafka.topics.labels,
@@ -340,16 +346,16 @@ fn start(
         timeout,
         &stop,
     )?;
-    for (&p, &(lo, hi)) in &marks {
-        engine.init_label_offset(p, if fresh { hi } else { lo });
+    for (&p, &(lo, _)) in &marks {
+        engine.init_label_offset(p, lo);
     }
-    labels::assign(
+    kafka::assign_at(
         &labels_consumer,
         &cfg.kafka.topics.labels,
         engine.label_offsets(),
     )?;
-    if fresh || recovered > 0 {
-        // Pin the start positions (fresh) or the recovered requests before anything else happens.
+    if fresh || read > 0 {
+        // Pin the start positions (fresh) or the requests read before anything else happens.
         let ck = engine.checkpoint(input::now_ms());
         ck.write(path)?;
     }
@@ -380,6 +386,26 @@ fn start(
             })
             .context("cannot start the responses thread")?
     };
+    let requests_consumer = Arc::new(requests::consumer(&cfg, health.clone(), metrics.clone())?);
+    kafka::assign_at(
+        &requests_consumer,
+        &cfg.kafka.topics.requests,
+        engine.request_scan_from(),
+    )?;
+    let requests_thread = {
+        let (cfg, consumer, health, stop, tx) = (
+            cfg.clone(),
+            requests_consumer,
+            health.clone(),
+            stop.clone(),
+            tx.clone(),
+        );
+        let positions = engine.request_scan_from().clone();
+        std::thread::Builder::new()
+            .name("armd-requests".into())
+            .spawn(move || requests::run(cfg, consumer, tx, health, positions, stop))
+            .context("cannot start the requests thread")?
+    };
     let labels_thread = {
         let (cfg, consumer, health, stop) = (
             cfg.clone(),
@@ -408,5 +434,6 @@ fn start(
         ),
         ingest,
         labels: labels_thread,
+        requests: requests_thread,
     })
 }

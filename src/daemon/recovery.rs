@@ -1,16 +1,15 @@
-//! Start-up: wait for the broker, find the labels partitions, and recover requests issued after the
-//! last checkpoint.
+//! Start-up: wait for the broker, find the labels partitions, and read the requests topic up to its end.
 //!
-//! **Recovery of in-flight requests.** A checkpoint holds the requests in flight when it was written whose
-//! delivery was confirmed, and for each requests-topic partition the offset after the last request of
-//! ours known delivered at that time. Requests issued later, or not yet confirmed then, are not in the
-//! checkpoint; if they were delivered at all they are on the requests topic past that offset — and each
-//! request message carries both raw embeddings, so the pair's difference vector can be rebuilt with the
-//! frozen scaler. On start we read every requests partition from the checkpointed offset to its current
-//! end, register our instance's requests that we do not know yet, and advance the sequence counter past
-//! the highest one seen. Together with the labels offsets in the checkpoint this makes every label that
-//! annotators send for such a request joinable after a crash, and no request id is ever issued twice
-//! (ids also hash the pair, so even a request lost before delivery cannot alias another pair).
+//! **Reading the requests topic before selection.** Every instance registers every request of its group
+//! ([`super::requests`]); a checkpoint holds the ones that could still take labels when it was written and,
+//! per requests-topic partition, the position up to which the topic had been read. Requests published
+//! later — by this instance (issued after the checkpoint, or not yet confirmed then) or by others — are
+//! on the topic past that position, and each carries both raw embeddings, so its difference vector can be
+//! rebuilt with the group's scaler. Start-up reads every partition from there to its current end before
+//! anything else runs: this instance's sequence counter moves past the highest of its own ids seen (no
+//! request id is ever issued twice; ids also hash the pair, so even a request lost before delivery cannot
+//! alias another pair), and the labels replayed after the checkpoint find their requests. The requests
+//! consumer thread then goes on from the end.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,7 +24,6 @@ use rdkafka::{Offset, TopicPartitionList};
 use super::config::Config;
 use super::engine::Engine;
 use super::kafka::{client_config, Context, Health, Role};
-use super::messages::LabelRequest;
 use super::telemetry::Metrics;
 
 /// Partition ids of `topic`, retrying (with a log line) until the topic exists or `stop` is set.
@@ -96,9 +94,9 @@ pub fn watermarks(
     }
 }
 
-/// Reads the requests topic from the engine's scan offsets to the current end and registers our requests
-/// the engine does not know. Returns how many were recovered.
-pub fn recover_requests(
+/// Reads the requests topic from the engine's read positions to the current end, registering every request
+/// the engine does not know (see the module doc). Returns how many messages were read.
+pub fn read_requests(
     cfg: &Config,
     engine: &mut Engine,
     consumer: &BaseConsumer<Context>,
@@ -160,27 +158,15 @@ pub fn recover_requests(
                 }
             };
             let (p, o) = (msg.partition(), msg.offset());
-            if let Some(payload) = msg.payload() {
-                match serde_json::from_slice::<LabelRequest>(payload) {
-                    Ok(req) => match engine.recover_request(req) {
-                        Ok(true) => recovered += 1,
-                        Ok(false) => {}
-                        Err(e) => {
-                            tracing::warn!(partition = p, offset = o, error = %e, "request on the requests topic cannot be recovered")
-                        }
-                    },
-                    Err(e) => {
-                        tracing::debug!(partition = p, offset = o, error = %e, "not an armd request; skipped")
-                    }
-                }
-            }
+            engine.on_request(super::requests::decode(msg.payload()), p, o);
+            recovered += 1;
             if remaining.get(&p).is_some_and(|&hi| o + 1 >= hi) {
                 remaining.remove(&p);
             }
         }
     }
     for (&p, &(_, hi)) in &marks {
-        engine.set_request_scan_from(p, hi);
+        engine.advance_request_scan(p, hi);
     }
     Ok(recovered)
 }

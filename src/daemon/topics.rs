@@ -6,9 +6,10 @@
 //! Why each setting ([`plan`] holds the rules; README "Topics" says the same for operators):
 //! - **responses**: several partitions (they split selection across instances of one consumer group).
 //!   Needed only until pooled: a retention of days is plenty.
-//! - **requests**: start-up re-reads the requests issued after the last checkpoint, and their labels may
-//!   come up to `request_ttl + expiry_grace` after they were issued, so the topic must keep requests much
-//!   longer than that: at least 7 days, and at least 4 × (TTL + grace).
+//! - **requests**: every instance reads all of it (a request carries the pair's embeddings, which a label
+//!   needs to be applied), and an instance started later, or rebuilt from nothing, replays the labels
+//!   topic from its start, so the requests topic is kept as long as the labels topic: forever. Three
+//!   partitions: requests are written by every instance of a group.
 //! - **labels**: the source of truth between checkpoints (a restart replays it from the checkpointed
 //!   positions) and the record of what the team paid for. Kept forever (`retention.ms = -1`). One
 //!   partition: labels come at human rates, and one partition gives every reader the same order.
@@ -72,8 +73,6 @@ pub fn plan(cfg: &Config, opts: &TopicOptions) -> Result<Vec<TopicSpec>> {
         opts.replication_factor
     );
     let t = &cfg.kafka.topics;
-    let window_ms = (cfg.selection.request_ttl + cfg.selection.expiry_grace).as_millis() as i64;
-    let requests_retention = (7 * DAY_MS).max(window_ms.saturating_mul(4));
     let spec = |role, name: &str, partitions, settings: &[(&'static str, String)]| TopicSpec {
         role,
         name: name.to_string(),
@@ -88,12 +87,7 @@ pub fn plan(cfg: &Config, opts: &TopicOptions) -> Result<Vec<TopicSpec>> {
             opts.response_partitions,
             &[("retention.ms", (3 * DAY_MS).to_string())],
         ),
-        spec(
-            "requests",
-            &t.requests,
-            3,
-            &[("retention.ms", requests_retention.to_string())],
-        ),
+        spec("requests", &t.requests, 3, &[("retention.ms", "-1".into())]),
         spec("labels", &t.labels, 1, &[("retention.ms", "-1".into())]),
         spec(
             "models",
@@ -234,17 +228,11 @@ mod tests {
     }
 
     #[test]
-    fn requests_outlive_ttl_plus_grace_with_room() {
-        // Defaults (600 s + 600 s): the 7-day floor.
+    fn requests_are_kept_as_long_as_the_labels_that_need_them() {
         let p = plan(&cfg(&[]), &TopicOptions::default()).unwrap();
-        assert_eq!(p[1].settings["retention.ms"], (7 * DAY_MS).to_string());
-        // A TTL of 3 days and a grace of 1 day: 4 × 4 days.
-        let c = cfg(&[
-            ("ARMD__SELECTION__REQUEST_TTL_SECS", "259200"),
-            ("ARMD__SELECTION__EXPIRY_GRACE_SECS", "86400"),
-        ]);
-        let p = plan(&c, &TopicOptions::default()).unwrap();
-        assert_eq!(p[1].settings["retention.ms"], (16 * DAY_MS).to_string());
+        assert_eq!(p[1].role, "requests");
+        assert_eq!(p[1].settings["retention.ms"], p[2].settings["retention.ms"]);
+        assert_eq!(p[1].settings["retention.ms"], "-1");
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //!
 //! It reads everything the daemon and its annotators left on the broker — every `armd.request.v1` on the
 //! requests topic and every label on the labels topic, in topic order — and rebuilds the posterior with
-//! nothing of the daemon but its frozen feature scaler (taken from the checkpoint): for each label,
+//! nothing of the daemon but its frozen feature scaler (taken from the checkpoint, and checked to be the
+//! first `armd.scaler.v1` proposal on the labels topic): for each label,
 //! `v = scaler(a) − scaler(b)` from the request's raw base64 embeddings, applied to
 //! `Posterior::new(dim, prior_precision)` with the engine's refit cadence (a synchronous refit at every
 //! `refit_every` applied labels). θ and log det must match the checkpoint's posterior (after finishing a
@@ -22,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use armd::daemon::checkpoint::Checkpoint;
 use armd::daemon::config::Config;
-use armd::daemon::messages::{decode_f32_b64, Decoder, LabelRequest};
+use armd::daemon::messages::{decode_f32_b64, Decoder, LabelRequest, ScalerMsg};
 use armd::features::Scaler;
 use armd::posterior::{refit_due, Posterior, PriorSetting, RefitOptions};
 use rdkafka::config::ClientConfig;
@@ -35,6 +36,8 @@ pub struct Record {
     pub partition: i32,
     pub offset: i64,
     pub payload: Option<Vec<u8>>,
+    /// Kafka timestamp (ms).
+    pub timestamp_ms: i64,
 }
 
 /// Every message of every partition of `topic`, from the beginning to the high watermarks at the call,
@@ -96,6 +99,7 @@ fn read_partitions(bootstrap: &str, topic: &str) -> (usize, Vec<Record>) {
                 partition: p,
                 offset: o,
                 payload: m.payload().map(<[u8]>::to_vec),
+                timestamp_ms: m.timestamp().to_millis().unwrap_or(0),
             });
             if o + 1 >= remaining[&p] {
                 remaining.remove(&p);
@@ -248,6 +252,7 @@ pub fn check(
         .expect("the checkpoint has no frozen scaler");
     let scaler = Scaler::from_parts(s.mean.clone(), s.inv_std.clone(), s.scaling)
         .expect("checkpoint scaler");
+    let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     let scaled = |b64: &str, what: &str, id: &str| {
         let raw = decode_f32_b64(what, b64)
             .unwrap_or_else(|e| panic!("request {id}: {what} does not decode: {e}"));
@@ -256,9 +261,22 @@ pub fn check(
             .unwrap_or_else(|e| panic!("request {id}: {what} cannot be scaled: {e}"))
     };
 
-    // The labels topic holds exactly what the annotators sent: no label lost on the way, none extra.
+    // The labels topic holds the group's scaling (the first `armd.scaler.v1`, adopted by the checkpoint's
+    // daemon bit for bit) and exactly what the annotators sent: no label lost on the way, none extra.
     let mut on_topic: Vec<(String, f64)> = Vec::new();
+    let mut first_scaler = true;
     for r in &labels {
+        if ScalerMsg::is_scaler(r.payload.as_deref()) {
+            let (_, mean, inv_std) = ScalerMsg::decode(r.payload.as_deref(), cfg.model.dim)
+                .unwrap_or_else(|e| panic!("{labels_topic}@{}: invalid scaler: {e}", r.offset));
+            if std::mem::take(&mut first_scaler) {
+                assert!(
+                    bits(&mean) == bits(&s.mean) && bits(&inv_std) == bits(&s.inv_std),
+                    "the checkpoint's scaler is not the first proposal on {labels_topic}"
+                );
+            }
+            continue;
+        }
         let l = decoder
             .label(r.payload.as_deref())
             .unwrap_or_else(|e| panic!("{labels_topic}@{}: invalid label: {e}", r.offset));

@@ -103,6 +103,10 @@ impl Drop for Feeder {
 pub struct SlowAnnotator {
     stop: Arc<AtomicBool>,
     sent: Arc<AtomicU64>,
+    /// Requests whose id starts with this prefix are answered only once it is cleared ([`Self::hold`]).
+    hold: Arc<Mutex<Option<String>>>,
+    /// How many answers are being held back.
+    held: Arc<AtomicU64>,
     /// `(request id, y)` per label sent, in send order.
     pub log: Arc<Mutex<Vec<(String, f64)>>>,
     handle: Option<JoinHandle<()>>,
@@ -118,6 +122,8 @@ impl SlowAnnotator {
     ) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let sent = Arc::new(AtomicU64::new(0));
+        let hold: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
+        let held = Arc::new(AtomicU64::new(0));
         let log = Arc::new(Mutex::new(Vec::new()));
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", bootstrap)
@@ -130,6 +136,7 @@ impl SlowAnnotator {
         let labels = t.labels.clone();
         let handle = {
             let (stop, sent, log) = (stop.clone(), sent.clone(), log.clone());
+            let (hold, held) = (hold.clone(), held.clone());
             std::thread::spawn(move || {
                 let mut rng = StdRng::seed_from_u64(seed);
                 let mut seen = HashSet::new();
@@ -148,11 +155,19 @@ impl SlowAnnotator {
                 loop {
                     let stopping = stop.load(Ordering::Relaxed);
                     let now = Instant::now();
-                    queue.sort_by_key(|q| q.0);
-                    let due = queue.partition_point(|q| stopping || q.0 <= now);
+                    let prefix = hold.lock().unwrap().clone().filter(|_| !stopping);
+                    let held_back = |id: &str| prefix.as_deref().is_some_and(|p| id.starts_with(p));
+                    // Held answers go last and wait; the others are sorted by due time.
+                    queue.sort_by_key(|q| (held_back(&q.1), q.0));
+                    let due =
+                        queue.partition_point(|q| !held_back(&q.1) && (stopping || q.0 <= now));
                     for (_, id, y) in queue.drain(..due) {
                         answer(&id, y);
                     }
+                    held.store(
+                        queue.iter().filter(|q| held_back(&q.1)).count() as u64,
+                        Ordering::Relaxed,
+                    );
                     if stopping {
                         break;
                     }
@@ -186,6 +201,8 @@ impl SlowAnnotator {
         Self {
             stop,
             sent,
+            hold,
+            held,
             log,
             handle: Some(handle),
         }
@@ -193,6 +210,17 @@ impl SlowAnnotator {
 
     pub fn sent(&self) -> u64 {
         self.sent.load(Ordering::Relaxed)
+    }
+
+    /// Holds back the answers to requests whose id starts with `prefix` (`None`: answer them again, at
+    /// once when due).
+    pub fn hold(&self, prefix: Option<&str>) {
+        *self.hold.lock().unwrap() = prefix.map(str::to_string);
+    }
+
+    /// Answers held back now.
+    pub fn held(&self) -> u64 {
+        self.held.load(Ordering::Relaxed)
     }
 
     /// Answers what it has read, flushes and stops.
@@ -231,6 +259,12 @@ pub fn stop_and_wait_until_all_applied(
     feeder.stop();
     annotator.stop();
     let sent = annotator.sent();
+    (sent, wait_all_applied(base, sent))
+}
+
+/// Waits until the daemon at `base` applied `sent` labels and asserts it applied exactly that many (none
+/// lost, none twice); returns the `/metrics` text.
+pub fn wait_all_applied(base: &str, sent: u64) -> String {
     let text = wait_metric(
         base,
         "armd_model_labels_applied",
@@ -240,9 +274,9 @@ pub fn stop_and_wait_until_all_applied(
     assert_eq!(
         metric(&text, "armd_model_labels_applied"),
         Some(sent as f64),
-        "labels applied vs sent"
+        "{base}: labels applied vs sent"
     );
-    (sent, text)
+    text
 }
 
 /// A [`Feeder`] (4 responses per prompt every 100 ms) and a [`SlowAnnotator`] answering after a delay

@@ -28,8 +28,18 @@ fn cfg(extra: &str) -> Arc<Config> {
     Arc::new(c)
 }
 
+/// A fresh engine whose requests topic is read to its end for good (no label is held).
 fn engine(c: &Arc<Config>) -> Engine {
-    Engine::new(c.clone(), Telemetry::new().metrics, None).unwrap()
+    let mut e = Engine::new(c.clone(), Telemetry::new().metrics, None).unwrap();
+    e.on_requests_caught_up(i64::MAX);
+    e
+}
+
+/// Adopts the engine's own scaling proposal once it has one (a group of one).
+fn settle(e: &mut Engine, now_ms: i64) {
+    if !e.scaler_adopted() && e.learner.proposal().is_some() {
+        adopt_own_proposal(e, now_ms);
+    }
 }
 
 struct World {
@@ -112,7 +122,51 @@ fn label(id: &str, y: f64, annotator: Option<&str>) -> std::result::Result<Label
     })
 }
 
-/// Fills the pool past warm-up and returns the engine with the scaler frozen.
+/// Hands `r` to the engine as read from the requests topic; returns whether it was registered.
+fn read_request(e: &mut Engine, r: &LabelRequest) -> bool {
+    let before = e.in_flight_ids().len();
+    e.on_request(Ok(r.clone()), 0, 0);
+    e.in_flight_ids().len() > before
+}
+
+/// A labels-topic message for [`Engine::on_label`], read at its timestamp.
+fn li(
+    decoded: std::result::Result<LabelMsg, Rejection>,
+    payload: Option<&[u8]>,
+    pos: SourcePosition,
+    timestamp_ms: i64,
+) -> LabelInput {
+    LabelInput {
+        decoded,
+        payload: payload.map(<[u8]>::to_vec),
+        pos,
+        timestamp_ms,
+        read_at_ms: timestamp_ms,
+    }
+}
+
+/// Feeds this engine's scaling proposal back as the first scaler message of the labels topic (what the
+/// group does through Kafka), so the scaler is adopted.
+fn adopt_own_proposal(e: &mut Engine, now_ms: i64) {
+    e.maybe_propose_scaler(now_ms);
+    let outs = e.take_outputs();
+    let msg = outs
+        .iter()
+        .find_map(|o| match o {
+            Output::Scaler(m) => Some(m.clone()),
+            _ => None,
+        })
+        .expect("a scaling proposal");
+    // Other outputs go back (the tests read them).
+    e.outbox
+        .extend(outs.into_iter().filter(|o| !matches!(o, Output::Scaler(_))));
+    let bytes = serde_json::to_vec(&msg).unwrap();
+    let decoded = ScalerMsg::decode(Some(&bytes), e.cfg.model.dim);
+    e.on_scaler(decoded, None, pos(-1), now_ms);
+}
+
+/// Fills the pool past warm-up and returns the engine with the group's scaler adopted (its own proposal)
+/// and the requests topic read to its end for good (no label is held).
 fn warmed(c: &Arc<Config>, w: &mut World) -> Engine {
     warmed_with(c, w, Telemetry::new().metrics)
 }
@@ -123,7 +177,10 @@ fn warmed_with(c: &Arc<Config>, w: &mut World, m: Arc<Metrics>) -> Engine {
     for i in 0..12 {
         assert!(e.on_response(w.response(i % 4), 0));
     }
+    assert!(!e.scaler().is_frozen(), "waits for the group's scaler");
+    adopt_own_proposal(&mut e, 0);
     assert!(e.scaler().is_frozen());
+    e.on_requests_caught_up(i64::MAX);
     e
 }
 
@@ -137,7 +194,17 @@ fn no_round_before_the_scaler_is_frozen() {
     }
     assert!(!e.scaler().is_frozen());
     assert_eq!(e.maybe_round(1000), 0);
+    e.maybe_propose_scaler(0);
+    assert!(
+        e.take_outputs().is_empty(),
+        "no proposal before the warm-up is done"
+    );
     e.on_response(w.response(0), 0);
+    // The warm-up is done, but the scaler is the group's: nothing is selected until a proposal is read
+    // back from the labels topic.
+    assert!(!e.scaler().is_frozen());
+    assert_eq!(e.maybe_round(1000), 0);
+    adopt_own_proposal(&mut e, 0);
     assert!(e.scaler().is_frozen());
     // Freezing asks for an immediate checkpoint (the scaler is part of the model).
     assert!(e.checkpoint_due(std::time::Duration::ZERO));
@@ -185,7 +252,7 @@ fn label_join_applies_once_and_rejects_each_bad_case() {
     let reqs = requests(e.take_outputs());
     let id = reqs[0].request_id.clone();
     let ts = reqs[0].issued_at_ms + 1;
-    let o = e.on_label(label(&id, 1.0, Some("ann1")), None, pos(0), ts, ts);
+    let o = e.on_label(li(label(&id, 1.0, Some("ann1")), None, pos(0), ts), ts);
     assert_eq!(
         o,
         LabelOutcome::Applied {
@@ -194,10 +261,13 @@ fn label_join_applies_once_and_rejects_each_bad_case() {
         }
     );
     // Same annotator again: duplicate.
-    let o = e.on_label(label(&id, 0.0, Some("ann1")), Some(b"x"), pos(1), ts, ts);
+    let o = e.on_label(
+        li(label(&id, 0.0, Some("ann1")), Some(b"x"), pos(1), ts),
+        ts,
+    );
     assert_eq!(o, LabelOutcome::Rejected(Reason::DuplicateLabel));
     // Second annotator closes it.
-    let o = e.on_label(label(&id, 0.5, Some("ann2")), None, pos(2), ts, ts);
+    let o = e.on_label(li(label(&id, 0.5, Some("ann2")), None, pos(2), ts), ts);
     assert_eq!(
         o,
         LabelOutcome::Applied {
@@ -206,39 +276,41 @@ fn label_join_applies_once_and_rejects_each_bad_case() {
         }
     );
     // Closed: any further label is a duplicate.
-    let o = e.on_label(label(&id, 1.0, Some("ann3")), None, pos(3), ts, ts);
+    let o = e.on_label(li(label(&id, 1.0, Some("ann3")), None, pos(3), ts), ts);
     assert_eq!(o, LabelOutcome::Rejected(Reason::DuplicateLabel));
-    // Unknown id of this instance, foreign id, malformed message.
+    // Unknown id of this instance or of another (the requests topic was read to its end), malformed
+    // message.
     let o = e.on_label(
-        label("armd-0-999-0123456789abcdef", 1.0, None),
-        None,
-        pos(4),
-        ts,
+        li(
+            label("armd-0-999-0123456789abcdef", 1.0, None),
+            None,
+            pos(4),
+            ts,
+        ),
         ts,
     );
     assert_eq!(o, LabelOutcome::Rejected(Reason::UnknownRequest));
     let o = e.on_label(
-        label("armd-7-1-0123456789abcdef", 1.0, None),
-        None,
-        pos(5),
-        ts,
+        li(
+            label("armd-7-1-0123456789abcdef", 1.0, None),
+            None,
+            pos(5),
+            ts,
+        ),
         ts,
     );
-    assert_eq!(o, LabelOutcome::Foreign);
-    let o = e.on_label(label("garbage", 1.0, None), None, pos(6), ts, ts);
+    assert_eq!(o, LabelOutcome::Rejected(Reason::UnknownRequest));
+    let o = e.on_label(li(label("garbage", 1.0, None), None, pos(6), ts), ts);
     assert_eq!(o, LabelOutcome::Rejected(Reason::UnknownRequest));
     let bad = Err(Rejection::new(Reason::InvalidJson, "x"));
     assert_eq!(
-        e.on_label(bad, Some(b"{"), pos(7), ts, ts),
+        e.on_label(li(bad, Some(b"{"), pos(7), ts), ts),
         LabelOutcome::Rejected(Reason::InvalidJson)
     );
     // Label stamped after expiry.
     let late = reqs[1].expires_at_ms + 1;
     let o = e.on_label(
-        label(&reqs[1].request_id, 1.0, None),
-        None,
-        pos(8),
-        late,
+        li(label(&reqs[1].request_id, 1.0, None), None, pos(8), late),
         late,
     );
     assert_eq!(o, LabelOutcome::Rejected(Reason::ExpiredRequest));
@@ -273,10 +345,7 @@ fn expiry_frees_budget_reoffers_pairs_and_late_labels_follow_timestamps() {
     assert_eq!(e.pool_len(), pool_before + 6, "pairs re-offered");
     // In the grace period a label stamped before the expiry still counts.
     let o = e.on_label(
-        label(&reqs[0].request_id, 1.0, None),
-        None,
-        pos(0),
-        exp - 1,
+        li(label(&reqs[0].request_id, 1.0, None), None, pos(0), exp - 1),
         exp + 10,
     );
     assert!(matches!(o, LabelOutcome::Applied { closed: true, .. }));
@@ -292,10 +361,7 @@ fn expiry_frees_budget_reoffers_pairs_and_late_labels_follow_timestamps() {
         "read up to 1 ms before the grace ends"
     );
     let o = e.on_label(
-        label(&reqs[2].request_id, 0.0, None),
-        None,
-        pos(1),
-        exp,
+        li(label(&reqs[2].request_id, 0.0, None), None, pos(1), exp),
         exp + 60_000,
     );
     assert!(matches!(o, LabelOutcome::Applied { closed: true, .. }));
@@ -304,10 +370,7 @@ fn expiry_frees_budget_reoffers_pairs_and_late_labels_follow_timestamps() {
     e.expire(exp + 60_000);
     assert!(e.in_flight_ids().is_empty());
     let o = e.on_label(
-        label(&reqs[1].request_id, 1.0, None),
-        None,
-        pos(2),
-        exp - 1,
+        li(label(&reqs[1].request_id, 1.0, None), None, pos(2), exp - 1),
         exp + 60_001,
     );
     assert_eq!(o, LabelOutcome::Rejected(Reason::ExpiredRequest));
@@ -345,10 +408,12 @@ fn restored_requests_outlive_any_downtime_until_the_labels_are_replayed() {
     for (i, r) in reqs.iter().enumerate() {
         let y = w.answer(r);
         let o = e.on_label(
-            label(&r.request_id, y, Some("first")),
-            None,
-            pos(i as i64),
-            exp - 10,
+            li(
+                label(&r.request_id, y, Some("first")),
+                None,
+                pos(i as i64),
+                exp - 10,
+            ),
             exp + day,
         );
         assert!(matches!(o, LabelOutcome::Applied { .. }), "{o:?}");
@@ -357,10 +422,12 @@ fn restored_requests_outlive_any_downtime_until_the_labels_are_replayed() {
     assert_eq!(e.posterior().labels_applied(), 3);
     // A label stamped after the expiry is still rejected, replay or not.
     let late = e.on_label(
-        label(&reqs[0].request_id, 1.0, Some("other")),
-        None,
-        pos(3),
-        exp + 1,
+        li(
+            label(&reqs[0].request_id, 1.0, Some("other")),
+            None,
+            pos(3),
+            exp + 1,
+        ),
         exp + day,
     );
     assert_eq!(late, LabelOutcome::Rejected(Reason::ExpiredRequest));
@@ -396,15 +463,13 @@ fn run_stream(e: &mut Engine, w: &mut World, rounds: usize, t0: i64) -> i64 {
             let resp = w.response(r as u64 % 7);
             e.on_response(resp, t);
         }
+        settle(e, t);
         t += 20;
         e.maybe_round(t);
         for req in requests(e.take_outputs()) {
             let y = w.answer(&req);
             e.on_label(
-                label(&req.request_id, y, None),
-                None,
-                pos(offset),
-                t + 1,
+                li(label(&req.request_id, y, None), None, pos(offset), t + 1),
                 t + 1,
             );
             offset += 1;
@@ -491,7 +556,7 @@ fn labels_applied_before_a_checkpoint_stay_applied_once_after_restart() {
     let reqs = requests(a.take_outputs());
     let id = reqs[0].request_id.clone();
     a.on_requests_delivered(reqs.iter().map(|r| r.request_id.clone()));
-    a.on_label(label(&id, 1.0, None), None, pos(0), 1, 1);
+    a.on_label(li(label(&id, 1.0, None), None, pos(0), 1), 1);
     let ck = Checkpoint::decode(&a.checkpoint(1).encode()).unwrap();
     let mut b = Engine::new(c.clone(), Telemetry::new().metrics, Some(ck)).unwrap();
     assert_eq!(b.posterior().labels_applied(), 1);
@@ -499,10 +564,13 @@ fn labels_applied_before_a_checkpoint_stay_applied_once_after_restart() {
     // The other two requests survived the restart and accept their labels; the closed one does not.
     assert_eq!(b.in_flight_ids().len(), 2);
     assert_eq!(
-        b.on_label(label(&id, 1.0, None), None, pos(1), 2, 2),
+        b.on_label(li(label(&id, 1.0, None), None, pos(1), 2), 2),
         LabelOutcome::Rejected(Reason::DuplicateLabel)
     );
-    let o = b.on_label(label(&reqs[1].request_id, 0.0, None), None, pos(2), 2, 2);
+    let o = b.on_label(
+        li(label(&reqs[1].request_id, 0.0, None), None, pos(2), 2),
+        2,
+    );
     assert!(matches!(o, LabelOutcome::Applied { closed: true, .. }));
     assert_eq!(b.posterior().labels_applied(), 2);
     // The sequence continues: no id is reused.
@@ -523,15 +591,18 @@ fn restart_with_recovered_requests_reproduces_the_posterior() {
             let resp = w.response(r % 5);
             a.on_response(resp, t);
         }
+        settle(&mut a, t);
         t += 20;
         a.maybe_round(t);
         for req in requests(a.take_outputs()) {
             let y = w.answer(&req);
             a.on_label(
-                label(&req.request_id, y, None),
-                None,
-                pos(labels.len() as i64),
-                t + 1,
+                li(
+                    label(&req.request_id, y, None),
+                    None,
+                    pos(labels.len() as i64),
+                    t + 1,
+                ),
                 t + 1,
             );
             labels.push((req.request_id.clone(), y, t + 1));
@@ -548,18 +619,18 @@ fn restart_with_recovered_requests_reproduces_the_posterior() {
     let mut b = Engine::new(c.clone(), Telemetry::new().metrics, Some(restored)).unwrap();
     // Start-up recovery: requests issued after the checkpoint, read back from the topic.
     for req in &issued[n_issued..] {
-        assert!(b.recover_request(req.clone()).unwrap());
+        assert!(read_request(&mut b, req));
     }
     // Requests already in the checkpoint are not recovered twice.
     for req in &issued[..n_issued] {
-        assert!(!b.recover_request(req.clone()).unwrap());
+        assert!(!read_request(&mut b, req));
     }
     assert_eq!(b.next_sequence(), a.next_sequence());
     // Replay the labels topic from the checkpointed offset.
     let from = b.label_offsets()[&0] as usize;
     assert_eq!(from, n_labels);
     for (i, (id, y, ts)) in labels.iter().enumerate().skip(from) {
-        let o = b.on_label(label(id, *y, None), None, pos(i as i64), *ts, *ts);
+        let o = b.on_label(li(label(id, *y, None), None, pos(i as i64), *ts), *ts);
         assert!(matches!(o, LabelOutcome::Applied { .. }), "{o:?}");
     }
     b.wait_refit();
@@ -649,7 +720,7 @@ fn requests_not_confirmed_delivered_are_left_out_of_the_checkpoint() {
     assert_eq!(b.active_in_flight(), 1);
     assert_eq!(b.next_sequence(), 3);
     // A request that was delivered after all is read back from the topic at start-up.
-    assert!(b.recover_request(reqs[1].clone()).unwrap());
+    assert!(read_request(&mut b, &reqs[1]));
     let ck = b.checkpoint(2);
     assert_eq!(ck.in_flight.len(), 2);
     // A request with a label stays in the checkpoint even if its delivery report is still pending.
@@ -659,7 +730,10 @@ fn requests_not_confirmed_delivered_are_left_out_of_the_checkpoint() {
     let mut e = warmed(&c2, &mut World::new(12));
     e.maybe_round(0);
     let r = requests(e.take_outputs());
-    let o = e.on_label(label(&r[0].request_id, 1.0, Some("x")), None, pos(0), 1, 1);
+    let o = e.on_label(
+        li(label(&r[0].request_id, 1.0, Some("x")), None, pos(0), 1),
+        1,
+    );
     assert!(
         matches!(o, LabelOutcome::Applied { closed: false, .. }),
         "{o:?}"
@@ -675,27 +749,26 @@ fn label_apply_delay_is_measured_from_the_label_timestamp() {
     let mut w = World::new(5);
     let mut e = warmed_with(&c, &mut w, t.metrics.clone());
     // Requests issued on the wall clock, so labels stamped 2 s ago are within their TTL.
-    let now = wall_ms() as i64;
+    let now = now_ms_f64() as i64;
     assert!(e.run_round(now - 3000).unwrap() >= 2);
     let reqs = requests(e.take_outputs());
     // Labels stamped 2 s ago, applied now: each delay is at least 2 s (and far below a minute).
     for (i, r) in reqs.iter().take(2).enumerate() {
         let ts = now - 2000;
         let o = e.on_label(
-            label(&r.request_id, 1.0, None),
-            None,
-            pos(i as i64),
-            ts,
+            li(label(&r.request_id, 1.0, None), None, pos(i as i64), ts),
             now,
         );
         assert!(matches!(o, LabelOutcome::Applied { .. }), "{o:?}");
     }
     // A rejected label is not counted.
     let o = e.on_label(
-        label("armd-0-999-0123456789abcdef", 1.0, None),
-        None,
-        pos(9),
-        now,
+        li(
+            label("armd-0-999-0123456789abcdef", 1.0, None),
+            None,
+            pos(9),
+            now,
+        ),
         now,
     );
     assert_eq!(o, LabelOutcome::Rejected(Reason::UnknownRequest));
@@ -807,4 +880,347 @@ fn refit_cadence_has_early_refits_below_refit_every() {
     assert!(!(1..=1000).any(|n| refit_due(n, 0)));
     let due: Vec<u64> = (1..=100).filter(|&n| refit_due(n, 40)).collect();
     assert_eq!(due, vec![32, 40, 80]);
+}
+
+/// A group of two instances: each pools its own responses, reads every request and every label in topic
+/// order. Returns (requests topic, labels topic as (request id, y)).
+fn run_group(
+    a: &mut Engine,
+    b: &mut Engine,
+    w: &mut World,
+    rounds: usize,
+) -> (Vec<LabelRequest>, Vec<(String, f64)>) {
+    let mut requests_topic: Vec<LabelRequest> = Vec::new();
+    let mut labels_topic: Vec<(String, f64)> = Vec::new();
+    let mut t = 0;
+    for r in 0..rounds {
+        // Responses are partitioned: prompts 0..3 to `a`, 3..6 to `b`.
+        for i in 0..8 {
+            a.on_response(w.response((r * 8 + i) as u64 % 3), t);
+            b.on_response(w.response(3 + (r * 8 + i) as u64 % 3), t);
+        }
+        // Scaling proposals go to the labels topic; both read the first one.
+        for e in [&mut *a, &mut *b] {
+            e.maybe_propose_scaler(t);
+        }
+        let proposals: Vec<Box<ScalerMsg>> = [&mut *a, &mut *b]
+            .into_iter()
+            .flat_map(|e| {
+                let outs = e.take_outputs();
+                let (scalers, rest): (Vec<_>, Vec<_>) = outs
+                    .into_iter()
+                    .partition(|o| matches!(o, Output::Scaler(_)));
+                e.outbox.extend(rest);
+                scalers.into_iter().map(|o| match o {
+                    Output::Scaler(m) => m,
+                    _ => unreachable!(),
+                })
+            })
+            .collect();
+        for m in proposals {
+            let bytes = serde_json::to_vec(&m).unwrap();
+            for e in [&mut *a, &mut *b] {
+                let d = ScalerMsg::decode(Some(&bytes), D);
+                e.on_scaler(d, None, pos(-1), t);
+            }
+        }
+        t += 20;
+        a.maybe_round(t);
+        let from_a = requests(a.take_outputs());
+        // `b` selects knowing `a`'s new requests (read from the topic first).
+        for req in &from_a {
+            b.on_request(Ok(req.clone()), 0, requests_topic.len() as i64);
+            a.on_request(Ok(req.clone()), 0, requests_topic.len() as i64);
+            requests_topic.push(req.clone());
+        }
+        b.maybe_round(t);
+        let from_b = requests(b.take_outputs());
+        for req in &from_b {
+            a.on_request(Ok(req.clone()), 0, requests_topic.len() as i64);
+            b.on_request(Ok(req.clone()), 0, requests_topic.len() as i64);
+            requests_topic.push(req.clone());
+        }
+        for req in from_a.iter().chain(&from_b) {
+            let y = w.answer(req);
+            let off = labels_topic.len() as i64;
+            for e in [&mut *a, &mut *b] {
+                let o = e.on_label(
+                    li(label(&req.request_id, y, None), None, pos(off), t + 1),
+                    t + 1,
+                );
+                assert!(matches!(o, LabelOutcome::Applied { .. }), "{o:?}");
+            }
+            labels_topic.push((req.request_id.clone(), y));
+        }
+        a.poll_refit();
+        b.poll_refit();
+    }
+    a.wait_refit();
+    b.wait_refit();
+    (requests_topic, labels_topic)
+}
+
+/// `to` reads `from`'s adopted scaler as the first proposal on the labels topic.
+fn adopt_scaler_of(from: &Engine, to: &mut Engine) {
+    let s = from.scaler();
+    let msg = ScalerMsg {
+        schema: SCALER_SCHEMA.into(),
+        instance_id: from.cfg.daemon.instance_id.clone(),
+        scaling: s.scaling().name().into(),
+        samples: 12,
+        mean_b64: encode_f64_b64(s.mean()),
+        inv_std_b64: encode_f64_b64(s.inv_std()),
+        pair_spread: 1.0,
+        proposed_at_ms: 0,
+    };
+    let bytes = serde_json::to_vec(&msg).unwrap();
+    to.on_scaler(ScalerMsg::decode(Some(&bytes), D), None, pos(0), 0);
+}
+
+#[test]
+fn instances_of_a_group_apply_every_label_and_hold_one_posterior() {
+    let extra = "ARMD__SELECTION__MAX_IN_FLIGHT = 8\nARMD__SELECTION__BATCH_SIZE = 4\nARMD__MODEL__REFIT_EVERY = 16";
+    let ca = cfg(extra);
+    let cb = cfg(&format!("{extra}\nARMD__DAEMON__INSTANCE_ID = armd-1"));
+    let (ma, mb) = (Telemetry::new().metrics, Telemetry::new().metrics);
+    let mut a = Engine::new(ca.clone(), ma, None).unwrap();
+    let mut b = Engine::new(cb.clone(), mb, None).unwrap();
+    let mut w = World::new(21);
+    let (reqs, labels) = run_group(&mut a, &mut b, &mut w, 30);
+    let own_a = reqs.iter().filter(|r| r.instance_id == "armd-0").count();
+    assert!(
+        own_a >= 20 && reqs.len() - own_a >= 20,
+        "both selected: {own_a} of {}",
+        reqs.len()
+    );
+    // One scaler (the first proposal, `a`'s) and one posterior.
+    assert_eq!(a.scaler().mean(), b.scaler().mean());
+    assert_eq!(a.scaler().inv_std(), b.scaler().inv_std());
+    assert_eq!(a.posterior().labels_applied(), labels.len() as u64);
+    assert_eq!(b.posterior().labels_applied(), labels.len() as u64);
+    let (ta, tb) = (a.posterior().theta(), b.posterior().theta());
+    assert!(
+        ta.iter().zip(tb).all(|(x, y)| x.to_bits() == y.to_bits()),
+        "θ differs"
+    );
+    // And it is the posterior a from-scratch replay of every label gives.
+    let mut replay = Posterior::new(D, 1.0).unwrap();
+    let by_id: HashMap<&str, &LabelRequest> =
+        reqs.iter().map(|r| (r.request_id.as_str(), r)).collect();
+    for (i, (id, y)) in labels.iter().enumerate() {
+        let r = by_id[id.as_str()];
+        let xa = a
+            .scaler()
+            .transform_vec(&messages::decode_f32_b64("a", &r.a.embedding_b64).unwrap())
+            .unwrap();
+        let xb = a
+            .scaler()
+            .transform_vec(&messages::decode_f32_b64("b", &r.b.embedding_b64).unwrap())
+            .unwrap();
+        let v: Vec<f64> = xa.iter().zip(&xb).map(|(p, q)| p - q).collect();
+        replay.update(&v, *y).unwrap();
+        if crate::posterior::refit_due(i as u64 + 1, 16) {
+            replay.refit(RefitOptions::default()).unwrap();
+        }
+    }
+    assert!(
+        rel_diff(ta, replay.theta()) < 1e-9,
+        "{}",
+        rel_diff(ta, replay.theta())
+    );
+    // No pair was asked twice.
+    let pairs: std::collections::HashSet<_> = reqs
+        .iter()
+        .map(|r| {
+            let mut k = [r.a.response_id.clone(), r.b.response_id.clone()];
+            k.sort();
+            k
+        })
+        .collect();
+    assert_eq!(pairs.len(), reqs.len());
+}
+
+#[test]
+fn selection_conditions_on_other_instances_requests_and_never_repeats_their_pairs() {
+    let c = cfg("ARMD__SELECTION__MAX_IN_FLIGHT = 50\nARMD__SELECTION__BATCH_SIZE = 6");
+    let cb = cfg("ARMD__SELECTION__MAX_IN_FLIGHT = 50\nARMD__SELECTION__BATCH_SIZE = 6\nARMD__DAEMON__INSTANCE_ID = armd-1");
+    let mut w = World::new(22);
+    let mut a = warmed(&c, &mut w);
+    // `b` pools exactly the same responses (a rebalance moved a partition): the pairs `a` has open must not
+    // be asked again, and `b`'s budget does not count `a`'s requests.
+    let mut b = Engine::new(cb, Telemetry::new().metrics, None).unwrap();
+    let responses: Vec<(String, String)> = a
+        .pool
+        .iter()
+        .map(|(_, e)| (e.prompt_id.to_string(), e.response_id.to_string()))
+        .collect();
+    for (_, e) in a.pool.iter() {
+        b.on_response(
+            Response {
+                prompt_id: e.prompt_id.clone(),
+                response_id: e.response_id.clone(),
+                embedding: e.raw.clone(),
+                metadata: None,
+            },
+            0,
+        );
+    }
+    assert_eq!(responses.len(), 12);
+    adopt_scaler_of(&a, &mut b);
+    assert!(b.scaler_adopted());
+    b.on_requests_caught_up(i64::MAX);
+    a.maybe_round(0);
+    let from_a = requests(a.take_outputs());
+    assert_eq!(from_a.len(), 6);
+    for (i, r) in from_a.iter().enumerate() {
+        b.on_request(Ok(r.clone()), 0, i as i64);
+    }
+    assert_eq!(
+        b.active_in_flight(),
+        0,
+        "another instance's requests use its own budget"
+    );
+    assert_eq!(
+        b.ledger.open_vectors().len(),
+        6,
+        "but selection conditions on them"
+    );
+    b.maybe_round(100);
+    let from_b = requests(b.take_outputs());
+    assert!(!from_b.is_empty());
+    let key = |r: &LabelRequest| {
+        let mut k = [
+            format!("{}/{}", r.a.prompt_id, r.a.response_id),
+            format!("{}/{}", r.b.prompt_id, r.b.response_id),
+        ];
+        k.sort();
+        k
+    };
+    let open: std::collections::HashSet<_> = from_a.iter().map(key).collect();
+    for r in &from_b {
+        assert!(
+            !open.contains(&key(r)),
+            "b asked a pair a has open: {:?}",
+            key(r)
+        );
+    }
+}
+
+#[test]
+fn a_label_read_before_its_request_waits_and_keeps_the_topic_order() {
+    let c = cfg("");
+    let cb = cfg("ARMD__DAEMON__INSTANCE_ID = armd-1");
+    let mut w = World::new(23);
+    let mut a = warmed(&c, &mut w);
+    a.maybe_round(0);
+    let reqs = requests(a.take_outputs());
+    assert_eq!(reqs.len(), 3);
+    let m = Telemetry::new().metrics;
+    let mut b = Engine::new(cb, m.clone(), None).unwrap();
+    adopt_scaler_of(&a, &mut b);
+    // `b` has read request 0 only, and not yet to the end of the requests topic.
+    b.on_request(Ok(reqs[0].clone()), 0, 0);
+    // Labels for request 1 (unknown to b yet), then 0 (known): both wait, in order; so does the labels
+    // consumer's "caught up" mark behind them.
+    assert_eq!(
+        b.on_label(
+            li(label(&reqs[1].request_id, 1.0, None), None, pos(1), 10),
+            10
+        ),
+        LabelOutcome::Held
+    );
+    assert_eq!(
+        b.on_label(
+            li(label(&reqs[0].request_id, 0.0, None), None, pos(2), 11),
+            11
+        ),
+        LabelOutcome::Held
+    );
+    b.on_labels_caught_up(12);
+    assert_eq!(b.held(), 3);
+    assert_eq!(
+        b.label_offsets().get(&0),
+        Some(&1),
+        "held labels are not past the checkpoint position"
+    );
+    // A label for a request nobody issued, read at 13.
+    let ghost = messages::request_id("armd-1", 77, "x", "y");
+    assert_eq!(
+        b.on_label(li(label(&ghost, 1.0, None), None, pos(3), 13), 13),
+        LabelOutcome::Held
+    );
+    // Request 1 arrives: the two labels before the ghost are applied, in topic order.
+    b.on_request(Ok(reqs[1].clone()), 0, 1);
+    assert_eq!(b.posterior().labels_applied(), 2);
+    assert_eq!(
+        b.posterior().to_parts().labels[0].y,
+        1.0,
+        "request 1's label first"
+    );
+    assert_eq!(b.held(), 1);
+    // The requests topic read to its end as of 12 (before the ghost was read) does not decide it; as of 13 it does.
+    b.on_requests_caught_up(12);
+    assert_eq!(b.held(), 1);
+    b.on_requests_caught_up(13);
+    assert_eq!(b.held(), 0);
+    assert_eq!(b.label_offsets().get(&0), Some(&4));
+    // Rejected as unknown; `b` is the issuer named in the id, so it writes the dead letter.
+    assert_eq!(dead_letters(&b.take_outputs()), ["unknown_request"]);
+    // A bad label for another instance's request is that instance's to dead-letter.
+    let o = b.on_label(
+        li(label(&reqs[0].request_id, 1.0, None), None, pos(4), 14),
+        14,
+    );
+    assert_eq!(o, LabelOutcome::Rejected(Reason::DuplicateLabel));
+    assert!(dead_letters(&b.take_outputs()).is_empty());
+}
+
+#[test]
+fn the_first_scaling_proposal_on_the_labels_topic_wins() {
+    let c = cfg("");
+    let mut w = World::new(24);
+    let mut e = engine(&c);
+    for i in 0..12 {
+        e.on_response(w.response(i % 4), 0);
+    }
+    e.maybe_propose_scaler(0);
+    let own = match e.take_outputs().pop() {
+        Some(Output::Scaler(m)) => m,
+        o => panic!("expected a proposal, got {o:?}"),
+    };
+    // Not read back within the retry interval: proposed again.
+    e.maybe_propose_scaler(PROPOSAL_RETRY_MS - 1);
+    assert!(e.take_outputs().is_empty());
+    e.maybe_propose_scaler(PROPOSAL_RETRY_MS);
+    assert!(matches!(e.take_outputs().as_slice(), [Output::Scaler(_)]));
+    // Another instance's proposal lands first.
+    let mut theirs = (*own).clone();
+    theirs.instance_id = "armd-9".into();
+    theirs.mean_b64 = encode_f64_b64(&[1.0; D]);
+    let enc = |m: &ScalerMsg| serde_json::to_vec(m).unwrap();
+    // A proposal for another scaling is refused (this instance keeps waiting) ...
+    let mut other = theirs.clone();
+    other.scaling = "l2".into();
+    e.on_scaler(ScalerMsg::decode(Some(&enc(&other)), D), None, pos(0), 1);
+    assert!(!e.scaler_adopted());
+    // ... a broken one is dead-lettered ...
+    e.on_scaler(
+        ScalerMsg::decode(Some(b"{\"schema\":\"armd.scaler.v1\"}"), D),
+        Some(b"x"),
+        pos(1),
+        1,
+    );
+    assert_eq!(dead_letters(&e.take_outputs()).len(), 1);
+    assert!(!e.scaler_adopted());
+    e.on_scaler(ScalerMsg::decode(Some(&enc(&theirs)), D), None, pos(2), 1);
+    e.on_scaler(ScalerMsg::decode(Some(&enc(&own)), D), None, pos(3), 1);
+    assert!(e.scaler_adopted());
+    assert_eq!(e.scaler().mean(), &[1.0; D], "the first one read");
+    assert_eq!(e.label_offsets().get(&0), Some(&4));
+    assert!(
+        e.checkpoint_due(std::time::Duration::ZERO),
+        "the scaler is checkpointed at once"
+    );
+    e.maybe_propose_scaler(10 * PROPOSAL_RETRY_MS);
+    assert!(e.take_outputs().is_empty(), "no proposal once adopted");
 }
