@@ -3,7 +3,7 @@
 //!   applied as one exact batch (`update_many`, `MAX_BATCH` labels per iteration);
 //! - greedy-dopt selection vs the single triangular solve that whitens the pool (its floor), and the paper's
 //!   dopt rule implemented naively (materialised candidate Fisher matrix) on the same candidates;
-//! - whitening the default pool (N = 4096): the low-rank form the posterior uses while fewer than d/4
+//! - whitening the default pool (N = 4096): the low-rank form the posterior uses while fewer than d/8
 //!   labels are stored, against the triangular solve with the Cholesky factor it replaces;
 //! - `targeted` vs `greedy-dopt` on one daemon-sized round (d = 2048, pool 4096, 20,000 candidates, k = 8, 64);
 //! - refit with n labels, plain and with the evidence-chosen (`auto`) prior.

@@ -16,18 +16,35 @@
 //!    4096, greedy-dopt, 20,000 cross-prompt candidates, batch 8), d = 768 and 2048, against the `random`
 //!    strategy's round on the same engine state, and (select call only) against the paper-exact naive
 //!    D-optimal rule on an equal-sized pool.
+//! 4. `ingest_instances`: aggregate ingest of 1, 2 and 3 armd instances in one consumer group (in-process,
+//!    distinct `daemon.instance_id` and state directories, no selection rounds) on one pre-produced
+//!    6-partition topic (d = 768 base64), against raw rdkafka consumption of the same topic in the same
+//!    repeat by 1, 2 and 3 consumers, each assigned its 1/k of the partitions (the range assignor's split;
+//!    assigned directly, without the group protocol). Rate = messages per second over the window where
+//!    every member consumed (after the group's last rebalance, before the first member ran out; armd:
+//!    the sum of each instance's own `armd_responses_accepted_total`, scraped every 50 ms); CPU per
+//!    message = this process's CPU time in the window (the bench's own main thread excluded) per message,
+//!    and the broker's where its pid is known. Ratios to raw ×1 and to raw with as many consumers.
+//!    The armd members should join before the group's first assignment: give the broker Kafka's default
+//!    `group.initial.rebalance.delay.ms` (3000); `.ci/kafka.sh` sets 0, and then the first instance takes
+//!    every partition and may drain much of the topic before the others get any (the output's `split`
+//!    column shows it, and a note is printed).
 //!
-//! Parts 1 and 2 need a Kafka broker: `ARMD_BENCH_BROKERS=host:port`, otherwise one is started with
+//! Parts 1, 2 and 4 need a Kafka broker: `ARMD_BENCH_BROKERS=host:port`, otherwise one is started with
 //! `.ci/kafka.sh start` (and stopped at the end); if neither works they are skipped with a message.
 //! Part 3 is a criterion bench and needs no broker.
 //!
-//! Run: `cargo bench --bench daemon` (one part: `-- ingest`, `-- label_delay`, `-- round`).
+//! Run: `cargo bench --bench daemon` (one part: `-- ingest`, `-- label_delay`, `-- round`,
+//! `-- ingest_instances`).
 //! Sizes: `ARMD_BENCH_INGEST_MB` (payload megabytes pre-produced per ingest case, default 1000; the topics are deleted after each case),
 //! `ARMD_BENCH_REPEATS` (raw/armd measurements per case, default 5; a summary gives medians), `ARMD_BENCH_INGEST_CASES` (e.g.
 //! `2048-base64,768-json`: only these ingest cases), `ARMD_BENCH_INGEST_CONFIGS` (`default` or
 //! `no-rounds`: only that armd configuration), `ARMD_BENCH_KAFKA_SETTINGS` (`key=value,...`: librdkafka
 //! settings for every client, raw consumer included), `ARMD_BENCH_DELAY_SECS` (length of
-//! the label-delay run, default 45).
+//! the label-delay run, default 45). Part 4: `ARMD_BENCH_INSTANCES_MB` (payload megabytes pre-produced
+//! once for the whole part, default 2000; deleted at the end), `ARMD_BENCH_REPEATS` (default 3 here),
+//! `ARMD_BENCH_INSTANCES_MAX` (most members, default 3), `ARMD_BENCH_BROKER_PID` (the broker's process
+//! id, for its CPU time per message when `ARMD_BENCH_BROKERS` is given).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -76,6 +93,20 @@ impl Drop for BenchBroker {
                 .arg(dir.path())
                 .status();
         }
+    }
+}
+
+impl BenchBroker {
+    /// The broker's process id, for its CPU time: `ARMD_BENCH_BROKER_PID`, or the pid file of the broker
+    /// this bench started.
+    fn pid(&self) -> Option<String> {
+        if let Ok(p) = std::env::var("ARMD_BENCH_BROKER_PID") {
+            return Some(p.trim().to_string()).filter(|p| !p.is_empty());
+        }
+        let dir = self.own.as_ref()?;
+        std::fs::read_to_string(dir.path().join("broker.pid"))
+            .ok()
+            .map(|p| p.trim().to_string())
     }
 }
 
@@ -541,15 +572,7 @@ fn ingest(bootstrap: &str) {
     println!("|---|---|---|---|---|---|---|---|");
     for (id, rows) in &summary {
         let col = |i: usize| median(rows.iter().map(|r| r[i]).collect());
-        let ratios = |i: usize| {
-            let v: Vec<f64> = rows.iter().map(|r| r[i] / r[0]).collect();
-            let (lo, hi) = v
-                .iter()
-                .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| {
-                    (lo.min(x), hi.max(x))
-                });
-            format!("**{:.2}** ({lo:.2}–{hi:.2})", median(v))
-        };
+        let ratios = |i: usize| median_range(rows.iter().map(|r| r[i] / r[0]).collect());
         println!(
             "| {id} | {:.0} | {:.0} | {} | {:.0} | {} | {:.1} / {:.1} / {:.1} | {:.0} |",
             col(0),
@@ -573,6 +596,16 @@ fn median(mut v: Vec<f64>) -> f64 {
         n if n % 2 == 1 => v[n / 2],
         n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
     }
+}
+
+/// `**median** (min–max)` of ratios, for the summary tables.
+fn median_range(v: Vec<f64>) -> String {
+    let (lo, hi) = v
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| {
+            (lo.min(x), hi.max(x))
+        });
+    format!("**{:.2}** ({lo:.2}–{hi:.2})", median(v))
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -926,6 +959,475 @@ fn rounds(c: &mut Criterion) {
 }
 
 // ------------------------------------------------------------------------------------------------
+// 4. Ingest with 1, 2 and 3 instances
+
+/// Responses partitions of `ingest_instances`: 6, so that 1, 2 and 3 members each get an equal share
+/// (librdkafka's default range assignor: 6, 3 and 2 partitions per member).
+const INSTANCE_PARTITIONS: i32 = 6;
+
+/// CPU seconds (user + system) of process `pid` so far, exited threads included (from /proc/PID/stat,
+/// in clock ticks of 10 ms; the kernel scales their sum to the precise runtime). `None` if unavailable.
+fn process_cpu_s(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces): state is the 3rd field, utime the 14th.
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0) // USER_HZ
+}
+
+/// CPU seconds of the consuming side so far: this process minus its main thread (the bench's sampling
+/// loop, which scrapes on that thread).
+fn consumers_cpu_s() -> f64 {
+    let pid = std::process::id();
+    let main = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/schedstat"))
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok())
+        .map_or(0.0, |ns| ns / 1e9);
+    process_cpu_s("self").unwrap_or(f64::NAN) - main
+}
+
+/// `armd_responses_accepted_total` and `armd_selection_rounds_total` of the daemon at `base`, fetched on
+/// this thread (plain HTTP/1.0, so the bench's own scraping stays on the main thread and out of the
+/// measured CPU; the daemon renders the exposition on one of its tokio workers, which counts).
+fn scrape_accepted(base: &str) -> Option<(f64, f64)> {
+    use std::io::{Read, Write};
+    let addr = base.strip_prefix("http://")?;
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let body = text.split_once("\r\n\r\n")?.1;
+    Some((
+        metric(body, "armd_responses_accepted_total")?,
+        metric(body, "armd_selection_rounds_total").unwrap_or(0.0),
+    ))
+}
+
+/// One reading of a group's members: per-member message counts and the consuming side's CPU seconds.
+struct Sample {
+    t: Instant,
+    counts: Vec<f64>,
+    /// Selection rounds run by each member so far (zeros for raw consumers).
+    rounds: Vec<f64>,
+    cpu_s: f64,
+    broker_cpu_s: f64,
+}
+
+/// A group's aggregate consume rate.
+struct GroupRate {
+    /// Messages per second over the window where every member was consuming: from the first reading
+    /// where all members had counted a message (the group's last rebalance is behind it) and had run all
+    /// the selection rounds they would (with rounds held off, each armd instance runs one early round on
+    /// a small pool), to the reading before the first member reached its final count.
+    msgs_per_s: f64,
+    window_s: f64,
+    /// Share of all messages counted inside that window.
+    window_share: f64,
+    /// Messages per second from the first reading with a message to the one with all of them (start-up
+    /// rebalances and the uneven tail included).
+    whole_msgs_per_s: f64,
+    /// CPU time of the consuming side per message in the window (µs), and the broker's (NaN if unknown).
+    cpu_us_per_msg: f64,
+    broker_cpu_us_per_msg: f64,
+    /// Messages counted by each member.
+    split: Vec<f64>,
+    /// Selection rounds run by all members.
+    rounds: f64,
+    /// armd: CPU µs per message by thread kind over the whole run (empty for raw consumers).
+    breakdown: String,
+}
+
+fn group_rate(samples: &[Sample]) -> GroupRate {
+    let sum = |s: &Sample| s.counts.iter().sum::<f64>();
+    let last = samples.last().expect("samples");
+    let total = sum(last);
+    let first_any = samples
+        .iter()
+        .position(|s| sum(s) > 0.0)
+        .expect("a message");
+    let first_all = samples
+        .iter()
+        .position(|s| s.counts.iter().all(|&c| c > 0.0) && s.rounds == last.rounds)
+        .unwrap_or(first_any);
+    // The reading before the first member stopped counting.
+    let first_done = (0..last.counts.len())
+        .map(|i| {
+            samples
+                .iter()
+                .position(|s| s.counts[i] >= last.counts[i])
+                .unwrap_or(samples.len() - 1)
+        })
+        .min()
+        .unwrap_or(samples.len() - 1);
+    let (a, b) = if first_done > first_all + 1 {
+        (&samples[first_all], &samples[first_done - 1])
+    } else {
+        (&samples[first_any], last)
+    };
+    let msgs = sum(b) - sum(a);
+    let window = b.t.duration_since(a.t).as_secs_f64();
+    let all_end = samples
+        .iter()
+        .position(|s| sum(s) >= total)
+        .unwrap_or(samples.len() - 1);
+    let s0 = &samples[first_any];
+    GroupRate {
+        msgs_per_s: msgs / window,
+        window_s: window,
+        window_share: msgs / total,
+        whole_msgs_per_s: (total - sum(s0)) / samples[all_end].t.duration_since(s0.t).as_secs_f64(),
+        cpu_us_per_msg: (b.cpu_s - a.cpu_s) * 1e6 / msgs,
+        broker_cpu_us_per_msg: (b.broker_cpu_s - a.broker_cpu_s) * 1e6 / msgs,
+        split: last.counts.clone(),
+        rounds: last.rounds.iter().sum(),
+        breakdown: String::new(),
+    }
+}
+
+/// Broker CPU seconds so far: `ARMD_BENCH_BROKER_PID`, or the pid file of the broker this bench started.
+fn broker_cpu_s(pid: Option<&str>) -> f64 {
+    pid.and_then(process_cpu_s).unwrap_or(f64::NAN)
+}
+
+/// `k` raw consumers (armd's responses-consumer settings, each payload touched as in [`raw_consume`]),
+/// each assigned a contiguous 1/k of the partitions from the beginning (the split librdkafka's range
+/// assignor gives a group of k; assigned directly, so no group protocol and no rebalance), until they
+/// have read `n` messages together.
+fn raw_group(
+    bootstrap: &str,
+    t: &Topics,
+    d: usize,
+    n: usize,
+    k: usize,
+    tag: &str,
+    broker: Option<&str>,
+) -> GroupRate {
+    let counters: Vec<Arc<AtomicU64>> = (0..k).map(|_| Arc::new(AtomicU64::new(0))).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let parts = INSTANCE_PARTITIONS as usize;
+    let threads: Vec<_> = (0..k)
+        .map(|j| {
+            let state = tempfile::tempdir().expect("temp dir");
+            let id = format!("{tag}-{j}");
+            let cfg = default_config(
+                bootstrap,
+                t,
+                state.path(),
+                d,
+                tag,
+                &[("ARMD__DAEMON__INSTANCE_ID", id.as_str())],
+            );
+            let consumer = armd::daemon::ingest::consumer(
+                &cfg,
+                Arc::new(Health::default()),
+                Telemetry::new().metrics,
+            )
+            .expect("raw consumer");
+            consumer.unsubscribe();
+            let mut tpl = rdkafka::TopicPartitionList::new();
+            for p in j * parts / k..(j + 1) * parts / k {
+                tpl.add_partition_offset(&t.responses, p as i32, rdkafka::Offset::Beginning)
+                    .expect("partition");
+            }
+            consumer.assign(&tpl).expect("assign");
+            let (count, stop) = (counters[j].clone(), stop.clone());
+            std::thread::Builder::new()
+                .name(format!("raw-{j}"))
+                .spawn(move || {
+                    let _state = state;
+                    let mut touched = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        match consumer.poll(Duration::from_millis(100)) {
+                            Some(Ok(msg)) => {
+                                if let Some(p) = msg.payload() {
+                                    touched = touched.wrapping_add(
+                                        p.iter().step_by(64).map(|&b| u64::from(b)).sum(),
+                                    );
+                                }
+                                count.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Some(Err(e)) => eprintln!("raw consumer error: {e}"),
+                            None => {}
+                        }
+                    }
+                    std::hint::black_box(touched);
+                })
+                .expect("raw consumer thread")
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut samples = Vec::new();
+    loop {
+        let counts: Vec<f64> = counters
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed) as f64)
+            .collect();
+        let done = counts.iter().sum::<f64>() >= n as f64;
+        samples.push(Sample {
+            t: Instant::now(),
+            counts,
+            rounds: vec![0.0; k],
+            cpu_s: consumers_cpu_s(),
+            broker_cpu_s: broker_cpu_s(broker),
+        });
+        if done {
+            break;
+        }
+        assert!(Instant::now() < deadline, "raw ×{k}: not done in 300 s");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for th in threads {
+        th.join().expect("raw consumer thread");
+    }
+    group_rate(&samples)
+}
+
+/// `k` armd daemons in-process in one consumer group (distinct instance ids and state directories), no
+/// selection rounds, until their `armd_responses_accepted_total` sum to `n` (each scraped every 50 ms).
+fn armd_group(
+    bootstrap: &str,
+    t: &Topics,
+    d: usize,
+    n: usize,
+    k: usize,
+    group: &str,
+    broker: Option<&str>,
+) -> GroupRate {
+    let states: Vec<tempfile::TempDir> = (0..k)
+        .map(|_| tempfile::tempdir().expect("temp dir"))
+        .collect();
+    let daemons: Vec<_> = states
+        .iter()
+        .enumerate()
+        .map(|(i, state)| {
+            let id = format!("{group}-{i}");
+            let cfg = default_config(
+                bootstrap,
+                t,
+                state.path(),
+                d,
+                group,
+                &[
+                    ("ARMD__DAEMON__INSTANCE_ID", id.as_str()),
+                    ("ARMD__SELECTION__ROUND_INTERVAL_MS", "3600000"),
+                ],
+            );
+            start_in_process(cfg)
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let mut samples: Vec<Sample> = Vec::new();
+    let (mut counts, mut rounds) = (vec![0.0; k], vec![0.0; k]);
+    let mut last_change = Instant::now();
+    // Per-thread CPU from the first accepted message to the end (rounds included), for the breakdown.
+    let mut times0: Option<(ThreadTimes, f64)> = None;
+    loop {
+        for (i, dm) in daemons.iter().enumerate() {
+            assert!(!dm.finished(), "a daemon stopped while ingesting");
+            if let Some((c, r)) = scrape_accepted(&dm.base) {
+                (counts[i], rounds[i]) = (c, r);
+            }
+        }
+        let now = Instant::now();
+        let total: f64 = counts.iter().sum();
+        if times0.is_none() && total > 0.0 {
+            times0 = Some((thread_times(), total));
+        }
+        if samples
+            .last()
+            .is_some_and(|s| s.counts.iter().sum::<f64>() != total)
+        {
+            last_change = now;
+        }
+        samples.push(Sample {
+            t: now,
+            counts: counts.clone(),
+            rounds: rounds.clone(),
+            cpu_s: consumers_cpu_s(),
+            broker_cpu_s: broker_cpu_s(broker),
+        });
+        if total >= n as f64 {
+            break;
+        }
+        if total > 0.0 && now.duration_since(last_change) > Duration::from_secs(10) {
+            eprintln!(
+                "  armd ×{k}: stuck at {total}/{n} accepted for 10 s; measuring what arrived"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "armd ×{k}: not done in 600 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let times1 = thread_times();
+    for dm in daemons {
+        dm.shutdown().expect("daemon shutdown");
+    }
+    let mut r = group_rate(&samples);
+    // CPU per message by thread kind (names without digits), over the whole run.
+    if let Some((times0, c0)) = times0 {
+        let msgs = r.split.iter().sum::<f64>() - c0;
+        let mut by_kind: std::collections::BTreeMap<String, f64> = Default::default();
+        for (name, (run, _)) in thread_delta(&times0, &times1, |tid, _| tid != std::process::id()) {
+            let kind: String = name.chars().filter(|c| !c.is_ascii_digit()).collect();
+            *by_kind.entry(kind).or_default() += run;
+        }
+        let parts: Vec<String> = by_kind
+            .iter()
+            .filter(|(_, &run)| run * 1e6 / msgs >= 0.05)
+            .map(|(kind, run)| format!("{kind} {:.2}", run * 1e6 / msgs))
+            .collect();
+        r.breakdown = parts.join(", ");
+    }
+    r
+}
+
+fn ingest_instances(bootstrap: &str, broker_pid: Option<&str>) {
+    let target_mb: f64 = env_or("ARMD_BENCH_INSTANCES_MB", 2000.0);
+    let repeats: usize = env_or("ARMD_BENCH_REPEATS", 3);
+    let max_k: usize = env_or("ARMD_BENCH_INSTANCES_MAX", 3);
+    let (d, b64) = (768usize, true);
+    println!(
+        "\n## ingest_instances (d = {d} base64, {INSTANCE_PARTITIONS} partitions, payload {target_mb} MB, {repeats} repeats, 1..={max_k} members)\n"
+    );
+    println!("load before: {}", uptime());
+    println!(
+        "cores: {}; broker CPU: {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        if broker_pid.is_some() {
+            "measured"
+        } else {
+            "unknown (set ARMD_BENCH_BROKER_PID)"
+        }
+    );
+    let t = common::create_topics_with(bootstrap, "ingest-instances", INSTANCE_PARTITIONS);
+    let one = response_payload(0, &vec![21.234_567_f32; d], b64).len() as f64;
+    let n = ((target_mb * 1e6 / one) as usize).max(1000);
+    let t_prod = Instant::now();
+    let bytes = produce_responses(bootstrap, &t.responses, n, d, b64);
+    let _ = std::process::Command::new("sync").status();
+    println!(
+        "produced {n} messages ({:.0} MB, {:.0} bytes/msg) in {:.1} s",
+        bytes as f64 / 1e6,
+        bytes as f64 / n as f64,
+        t_prod.elapsed().as_secs_f64()
+    );
+    println!("\nper measurement: rate = messages per second while every member consumed, after the last rebalance and selection round (window); ratio ×1 = over raw ×1 of the same repeat, ratio ×k = over raw with as many consumers; CPU = this process (all consuming threads, librdkafka's included), per message in the window; per core = 1 / CPU per message; cores = rate × CPU per message\n");
+    println!("| run | members | rate msgs/s | per member msgs/s | ratio ×1 | ratio ×k | whole-run msgs/s | window s (share) | CPU µs/msg | msgs/s per core | cores busy | broker CPU µs/msg | split (messages per member) | rounds | steal % |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let tag = std::process::id();
+    let mut notes = Vec::new();
+    // (config, members) → per repeat: rate, ratio ×1, ratio ×k, CPU µs/msg, broker µs/msg, whole rate, steal.
+    let mut summary: std::collections::BTreeMap<(u8, usize), Vec<[f64; 7]>> = Default::default();
+    for run in 1..=repeats {
+        let mut raw1 = f64::NAN;
+        for k in 1..=max_k {
+            let mut rawk = f64::NAN;
+            for (config, label) in [(0u8, "raw"), (1u8, "armd")] {
+                let ticks = cpu_ticks();
+                let r = if config == 0 {
+                    raw_group(
+                        bootstrap,
+                        &t,
+                        d,
+                        n,
+                        k,
+                        &format!("raw-{tag}-{run}-{k}"),
+                        broker_pid,
+                    )
+                } else {
+                    armd_group(
+                        bootstrap,
+                        &t,
+                        d,
+                        n,
+                        k,
+                        &format!("armd-{tag}-{run}-{k}"),
+                        broker_pid,
+                    )
+                };
+                let steal = steal_percent(ticks, cpu_ticks());
+                if config == 0 {
+                    rawk = r.msgs_per_s;
+                    if k == 1 {
+                        raw1 = r.msgs_per_s;
+                    }
+                }
+                let split: Vec<String> = r.split.iter().map(|c| format!("{c:.0}")).collect();
+                let (lo, hi) = r
+                    .split
+                    .iter()
+                    .fold((f64::INFINITY, 0.0f64), |(lo, hi), &c| {
+                        (lo.min(c), hi.max(c))
+                    });
+                if hi > 1.5 * lo {
+                    notes.push(format!(
+                        "run {run}, {label} ×{k}: uneven split (members joined after the first assignment? \
+                         see group.initial.rebalance.delay.ms in the module doc)"
+                    ));
+                }
+                if !r.breakdown.is_empty() {
+                    notes.push(format!("run {run}, armd ×{k}: {}", r.breakdown));
+                }
+                println!(
+                    "| {run} | {label} ×{k} | {:.0} | {:.0} | {:.2} | {:.2} | {:.0} | {:.2} ({:.0}%) | {:.2} | {:.0} | {:.2} | {:.2} | {} | {:.0} | {steal:.0} |",
+                    r.msgs_per_s,
+                    r.msgs_per_s / k as f64,
+                    r.msgs_per_s / raw1,
+                    r.msgs_per_s / rawk,
+                    r.whole_msgs_per_s,
+                    r.window_s,
+                    100.0 * r.window_share,
+                    r.cpu_us_per_msg,
+                    1e6 / r.cpu_us_per_msg,
+                    r.msgs_per_s * r.cpu_us_per_msg / 1e6,
+                    r.broker_cpu_us_per_msg,
+                    split.join(" / "),
+                    r.rounds,
+                );
+                summary.entry((config, k)).or_default().push([
+                    r.msgs_per_s,
+                    r.msgs_per_s / raw1,
+                    r.msgs_per_s / rawk,
+                    r.cpu_us_per_msg,
+                    r.broker_cpu_us_per_msg,
+                    r.whole_msgs_per_s,
+                    steal,
+                ]);
+            }
+        }
+    }
+    common::delete_topics(bootstrap, &t);
+    println!("\nnotes; armd CPU µs per message by thread (names without digits; whole run from the first accepted message, the early round included):\n");
+    for n in &notes {
+        println!("- {n}");
+    }
+    println!("\nload after: {}", uptime());
+    println!("\nsummary (medians over {repeats} repeats; ratios per repeat: median, min–max; per core = 1 / median CPU per message)\n");
+    println!("| members | rate msgs/s | per member msgs/s | ratio ×1 | ratio ×k | whole-run msgs/s | CPU µs/msg | msgs/s per core | broker CPU µs/msg | steal % |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for ((config, k), rows) in &summary {
+        let col = |i: usize| median(rows.iter().map(|r| r[i]).collect());
+        let ratio = |i: usize| median_range(rows.iter().map(|r| r[i]).collect());
+        println!(
+            "| {} ×{k} | {:.0} | {:.0} | {} | {} | {:.0} | {:.2} | {:.0} | {:.2} | {:.0} |",
+            if *config == 0 { "raw" } else { "armd" },
+            col(0),
+            col(0) / *k as f64,
+            ratio(1),
+            ratio(2),
+            col(5),
+            col(3),
+            1e6 / col(3),
+            col(4),
+            col(6),
+        );
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
 
 fn main() {
     // Positional arguments (not flags) filter the parts, like criterion's own filter.
@@ -961,16 +1463,24 @@ fn main() {
             .try_init();
     }
 
-    if wanted("ingest") || wanted("label_delay") {
+    // `-- ingest` alone keeps meaning part 1.
+    let wanted_instances = filters.is_empty()
+        || filters
+            .iter()
+            .any(|f| f != "ingest" && "ingest_instances".contains(f.as_str()));
+    if wanted("ingest") || wanted_instances || wanted("label_delay") {
         match bench_broker() {
             Err(why) => println!(
-                "SKIPPED ingest and label_delay: no Kafka broker ({why}). Set ARMD_BENCH_BROKERS=host:port \
+                "SKIPPED ingest, ingest_instances and label_delay: no Kafka broker ({why}). Set ARMD_BENCH_BROKERS=host:port \
                  or make `.ci/kafka.sh start` work (Java + the jars from `.ci/kafka.sh fetch`)."
             ),
             Ok(broker) => {
                 println!("broker {}", broker.bootstrap);
                 if wanted("ingest") {
                     ingest(&broker.bootstrap);
+                }
+                if wanted_instances {
+                    ingest_instances(&broker.bootstrap, broker.pid().as_deref());
                 }
                 if wanted("label_delay") {
                     label_delay(&broker.bootstrap, &values, &recording);

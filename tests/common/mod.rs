@@ -162,10 +162,19 @@ pub fn topic_names(name: &str) -> Topics {
 
 /// Creates the five topics of one test (responses and labels with 2 partitions).
 pub fn create_topics(bootstrap: &str, name: &str) -> Topics {
+    create_topics_with(bootstrap, name, 2)
+}
+
+/// [`create_topics`] with `responses_partitions` responses partitions.
+pub fn create_topics_with(bootstrap: &str, name: &str, responses_partitions: i32) -> Topics {
     let t = topic_names(name);
     let (admin, rt) = admin(bootstrap);
     let new = [
-        NewTopic::new(&t.responses, 2, TopicReplication::Fixed(1)),
+        NewTopic::new(
+            &t.responses,
+            responses_partitions,
+            TopicReplication::Fixed(1),
+        ),
         NewTopic::new(&t.requests, 1, TopicReplication::Fixed(1)),
         NewTopic::new(&t.labels, 2, TopicReplication::Fixed(1)),
         NewTopic::new(&t.models, 1, TopicReplication::Fixed(1)),
