@@ -46,6 +46,8 @@ use crate::daemon::messages::{encode_f32_b64, LabelRequest, ModelSnapshot};
 use crate::simulate::config::SyntheticConfig;
 use crate::simulate::Dataset;
 
+mod live;
+
 // ------------------------------------------------------------------------------------------------
 // Configuration
 
@@ -330,6 +332,28 @@ pub struct DemoArgs {
     /// [run.metrics_listen].
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Live mode: send armd's requests to the Label Studio server at this URL, where a person answers
+    /// them (no random baseline, no simulated annotator; stops at the label budget or on Ctrl-C).
+    /// Runs the bridge (`armd-labelstudio`, integrations/labelstudio) as a child process.
+    #[arg(long, value_name = "URL", help_heading = "Live mode (Label Studio)")]
+    pub label_studio: Option<String>,
+    /// Label Studio API key for the bridge (personal access token or legacy token).
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "LS_API_TOKEN",
+        hide_env_values = true,
+        help_heading = "Live mode (Label Studio)"
+    )]
+    pub label_studio_token: Option<String>,
+    /// The bridge command (a name on PATH or a path).
+    #[arg(
+        long,
+        value_name = "CMD",
+        default_value = "armd-labelstudio",
+        help_heading = "Live mode (Label Studio)"
+    )]
+    pub label_studio_bridge: String,
 }
 
 /// Entry point of `armd demo`.
@@ -364,7 +388,18 @@ pub fn cli_main(args: DemoArgs) -> Result<()> {
         format: crate::daemon::config::LogFormat::Text,
         level: "warn,armd::daemon::kafka=error".into(),
     })?;
-    let report = run(&cfg, true)?;
+    let report = match args.label_studio {
+        Some(url) => live::run(
+            &cfg,
+            &live::LiveOptions {
+                url,
+                token: args.label_studio_token.unwrap_or_default(),
+                bridge: args.label_studio_bridge,
+            },
+            true,
+        )?,
+        None => run(&cfg, true)?,
+    };
     println!("{}", report.summary);
     println!("wrote {}", report.svg.display());
     println!("wrote {}", report.out_dir.join("curves.csv").display());
@@ -437,7 +472,8 @@ struct Instance {
     url: String,
     export_dir: PathBuf,
     models: BaseConsumer,
-    annotator: Annotator,
+    /// The simulated annotator (none in live mode: people answer in Label Studio).
+    annotator: Option<Annotator>,
     curve: Vec<(u64, f64)>,
     last: Option<ModelSnapshot>,
     /// From the daemon's /metrics: labels applied, prequential accuracy.
@@ -565,7 +601,7 @@ pub fn run(cfg: &DemoConfig, progress: bool) -> Result<DemoReport> {
             url,
             export_dir: dir.join("model"),
             models,
-            annotator,
+            annotator: Some(annotator),
             curve: Vec::new(),
             last: None,
             applied: 0,
@@ -619,7 +655,7 @@ pub fn run(cfg: &DemoConfig, progress: bool) -> Result<DemoReport> {
                 inst.applied = metric(&text, "armd_labels_applied_total").unwrap_or(0.0) as u64;
                 inst.accuracy = metric(&text, "armd_prequential_accuracy_ratio");
             }
-            let sent = inst.annotator.sent();
+            let sent = inst.annotator.as_ref().map_or(0, Annotator::sent);
             if sent > inst.seen_sent {
                 inst.seen_sent = sent;
                 inst.last_progress = Instant::now();
@@ -652,7 +688,9 @@ pub fn run(cfg: &DemoConfig, progress: bool) -> Result<DemoReport> {
     let mut runs = Vec::new();
     let mut metrics_url = String::new();
     for mut inst in instances {
-        inst.annotator.stop();
+        if let Some(a) = inst.annotator.as_mut() {
+            a.stop();
+        }
         if let Some(stop) = inst.stop.take() {
             let _ = stop.send(());
         }
@@ -672,7 +710,7 @@ pub fn run(cfg: &DemoConfig, progress: bool) -> Result<DemoReport> {
             name: inst.name.to_string(),
             strategy: inst.strategy.clone(),
             labels_applied: last.map_or(0, |s| s.labels_applied),
-            labels_sent: inst.annotator.sent(),
+            labels_sent: inst.annotator.as_ref().map_or(0, Annotator::sent),
             prequential_accuracy: last.and_then(|s| s.prequential.accuracy),
             final_spearman: inst.curve.last().map_or(0.0, |p| p.1),
             curve: inst.curve,
