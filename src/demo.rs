@@ -495,15 +495,7 @@ pub fn run(cfg: &DemoConfig, progress: bool) -> Result<DemoReport> {
     };
 
     // Data: a synthetic set; some prompts are held out for scoring, the rest are streamed.
-    let data = crate::simulate::synthetic::generate(&SyntheticConfig {
-        n_prompts: cfg.data.n_prompts,
-        responses_per_prompt: cfg.data.responses_per_prompt,
-        dim: cfg.data.dim,
-        latent_dim: cfg.data.latent_dim,
-        seed: cfg.data.seed,
-        ..SyntheticConfig::default()
-    })
-    .map_err(|e| anyhow!("cannot generate the synthetic data: {e}"))?;
+    let data = synthetic(cfg)?;
     let (stream, held_out, golden) = split(cfg, &data);
     say(format!(
         "armd demo: {} prompts × {} responses (dim {}), {} streamed responses, {} held-out prompts",
@@ -515,41 +507,14 @@ pub fn run(cfg: &DemoConfig, progress: bool) -> Result<DemoReport> {
     ));
 
     // Broker: librdkafka's in-process mock cluster, with the topics of both instances.
-    let cluster = MockCluster::new(1).map_err(|e| anyhow!("cannot start the mock cluster: {e}"))?;
-    let brokers = cluster.bootstrap_servers();
-    for name in ["armd", "random"] {
-        for (topic, parts) in [
-            ("responses", 2),
-            ("requests", 1),
-            ("labels", 2),
-            ("models", 1),
-            ("dead-letter", 1),
-        ] {
-            cluster
-                .create_topic(&format!("{name}.{topic}"), parts, 1)
-                .map_err(|e| anyhow!("cannot create topic {name}.{topic}: {e}"))?;
-        }
-    }
+    let (cluster, brokers) = embedded_kafka(&["armd", "random"], 2)?;
     say(format!(
         "embedded Kafka (librdkafka mock cluster) at {brokers}"
     ));
 
     let out_dir = cfg.run.out_dir.clone();
-    std::fs::create_dir_all(&out_dir)
-        .with_context(|| format!("cannot create {}", out_dir.display()))?;
-    // Each run starts fresh: the daemons' checkpoints and model exports live under out_dir/state.
-    let state = out_dir.join("state");
-    if state.exists() {
-        std::fs::remove_dir_all(&state)
-            .with_context(|| format!("cannot clear {}", state.display()))?;
-    }
-
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .thread_name("armd-demo-io")
-        .build()
-        .context("cannot start the async runtime")?;
+    let state = fresh_state(&out_dir)?;
+    let rt = runtime()?;
 
     let golden = Arc::new(golden);
     let mut instances = Vec::new();
@@ -560,30 +525,7 @@ pub fn run(cfg: &DemoConfig, progress: bool) -> Result<DemoReport> {
     .into_iter()
     .enumerate()
     {
-        let dir = state.join(name);
-        let dcfg = cfg.daemon_config(&brokers, name, &strategy, &dir, i)?;
-        let listener = rt.block_on(async {
-            if name == "armd" {
-                match tokio::net::TcpListener::bind(cfg.run.metrics_listen).await {
-                    Ok(l) => return Ok(l),
-                    Err(e) => tracing::warn!(
-                        addr = %cfg.run.metrics_listen, error = %e,
-                        "metrics address taken; using a free port"
-                    ),
-                }
-            }
-            tokio::net::TcpListener::bind("127.0.0.1:0").await
-        })?;
-        let url = format!("http://{}/metrics", listener.local_addr()?);
-        let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-        let handle = rt.spawn(crate::daemon::run_with_listener(
-            dcfg,
-            listener,
-            async move {
-                let _ = rx.await;
-            },
-        ));
-        let models = models_consumer(&brokers, &format!("{name}.models"))?;
+        let mut inst = start_instance(&rt, cfg, &brokers, (name, strategy, i), &state)?;
         let annotator = Annotator::start(
             &brokers,
             &format!("{name}.requests"),
@@ -592,23 +534,12 @@ pub fn run(cfg: &DemoConfig, progress: bool) -> Result<DemoReport> {
             &cfg.annotator,
             cfg.run.label_budget,
         )?;
-        say(format!("{name:>6}: strategy {strategy}, metrics at {url}"));
-        instances.push(Instance {
-            name,
-            strategy,
-            stop: Some(stop),
-            handle: Some(handle),
-            url,
-            export_dir: dir.join("model"),
-            models,
-            annotator: Some(annotator),
-            curve: Vec::new(),
-            last: None,
-            applied: 0,
-            accuracy: None,
-            seen_sent: 0,
-            last_progress: Instant::now(),
-        });
+        say(format!(
+            "{name:>6}: strategy {}, metrics at {}",
+            inst.strategy, inst.url
+        ));
+        inst.annotator = Some(annotator);
+        instances.push(inst);
     }
 
     // The same stream to both instances.
@@ -741,6 +672,121 @@ struct Streamed {
     prompt_id: String,
     response_id: String,
     x: Vec<f32>,
+}
+
+/// The synthetic data set of `cfg.data`.
+fn synthetic(cfg: &DemoConfig) -> Result<Dataset> {
+    crate::simulate::synthetic::generate(&SyntheticConfig {
+        n_prompts: cfg.data.n_prompts,
+        responses_per_prompt: cfg.data.responses_per_prompt,
+        dim: cfg.data.dim,
+        latent_dim: cfg.data.latent_dim,
+        seed: cfg.data.seed,
+        ..SyntheticConfig::default()
+    })
+    .map_err(|e| anyhow!("cannot generate the synthetic data: {e}"))
+}
+
+/// librdkafka's in-process mock cluster with the five topics of each daemon in `names`
+/// (`<name>.responses`, …; `labels_partitions` labels partitions), and its bootstrap address.
+fn embedded_kafka(
+    names: &[&str],
+    labels_partitions: i32,
+) -> Result<(
+    MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    String,
+)> {
+    let cluster = MockCluster::new(1).map_err(|e| anyhow!("cannot start the mock cluster: {e}"))?;
+    let brokers = cluster.bootstrap_servers();
+    for name in names {
+        for (topic, parts) in [
+            ("responses", 2),
+            ("requests", 1),
+            ("labels", labels_partitions),
+            ("models", 1),
+            ("dead-letter", 1),
+        ] {
+            cluster
+                .create_topic(&format!("{name}.{topic}"), parts, 1)
+                .map_err(|e| anyhow!("cannot create topic {name}.{topic}: {e}"))?;
+        }
+    }
+    Ok((cluster, brokers))
+}
+
+/// Creates `out_dir` and returns its `state` directory, emptied: each run starts fresh (the daemons'
+/// checkpoints and model exports live there).
+fn fresh_state(out_dir: &Path) -> Result<PathBuf> {
+    std::fs::create_dir_all(out_dir)
+        .with_context(|| format!("cannot create {}", out_dir.display()))?;
+    let state = out_dir.join("state");
+    if state.exists() {
+        std::fs::remove_dir_all(&state)
+            .with_context(|| format!("cannot clear {}", state.display()))?;
+    }
+    Ok(state)
+}
+
+/// The async runtime the daemons run on.
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("armd-demo-io")
+        .build()
+        .context("cannot start the async runtime")
+}
+
+/// Starts daemon `name` (index `i`) with `strategy` on the embedded Kafka, its state under `state`; its
+/// `/metrics` on `run.metrics_listen` for the first instance (a free port when that is taken or for the
+/// others). No annotator yet.
+fn start_instance(
+    rt: &tokio::runtime::Runtime,
+    cfg: &DemoConfig,
+    brokers: &str,
+    (name, strategy, i): (&'static str, String, usize),
+    state: &Path,
+) -> Result<Instance> {
+    let dir = state.join(name);
+    let dcfg = cfg.daemon_config(brokers, name, &strategy, &dir, i)?;
+    let listener = rt.block_on(async {
+        if i == 0 {
+            match tokio::net::TcpListener::bind(cfg.run.metrics_listen).await {
+                Ok(l) => return Ok(l),
+                Err(e) => tracing::warn!(
+                    addr = %cfg.run.metrics_listen, error = %e,
+                    "metrics address taken; using a free port"
+                ),
+            }
+        }
+        tokio::net::TcpListener::bind("127.0.0.1:0").await
+    })?;
+    let url = format!("http://{}/metrics", listener.local_addr()?);
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    let handle = rt.spawn(crate::daemon::run_with_listener(
+        dcfg,
+        listener,
+        async move {
+            let _ = rx.await;
+        },
+    ));
+    let models = models_consumer(brokers, &format!("{name}.models"))?;
+    Ok(Instance {
+        name,
+        strategy,
+        stop: Some(stop),
+        handle: Some(handle),
+        url,
+        export_dir: dir.join("model"),
+        models,
+        annotator: None,
+        curve: Vec::new(),
+        last: None,
+        applied: 0,
+        accuracy: None,
+        seen_sent: 0,
+        last_progress: Instant::now(),
+    })
 }
 
 /// Splits prompts into streamed and held-out ones (seeded), and maps response ids to golden rewards.

@@ -254,12 +254,7 @@ pub fn run(cfg: &DemoConfig, live: &LiveOptions, progress: bool) -> Result<DemoR
         }
     };
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .thread_name("armd-demo-io")
-        .build()
-        .context("cannot start the async runtime")?;
+    let rt = runtime()?;
     // Ctrl-C (SIGINT) ends the run with the usual summary.
     let interrupted = Arc::new(AtomicBool::new(false));
     {
@@ -282,15 +277,7 @@ pub fn run(cfg: &DemoConfig, live: &LiveOptions, progress: bool) -> Result<DemoR
         });
     }
 
-    let data = crate::simulate::synthetic::generate(&SyntheticConfig {
-        n_prompts: cfg.data.n_prompts,
-        responses_per_prompt: cfg.data.responses_per_prompt,
-        dim: cfg.data.dim,
-        latent_dim: cfg.data.latent_dim,
-        seed: cfg.data.seed,
-        ..SyntheticConfig::default()
-    })
-    .map_err(|e| anyhow!("cannot generate the synthetic data: {e}"))?;
+    let data = synthetic(cfg)?;
     let (stream, held_out, golden) = split(cfg, &data);
     say(format!(
         "armd demo (live, Label Studio at {}): {} prompts × {} responses (dim {}), {} streamed responses, {} held-out prompts",
@@ -302,77 +289,23 @@ pub fn run(cfg: &DemoConfig, live: &LiveOptions, progress: bool) -> Result<DemoR
         cfg.held_out_prompts()
     ));
 
-    let cluster = MockCluster::new(1).map_err(|e| anyhow!("cannot start the mock cluster: {e}"))?;
-    let brokers = cluster.bootstrap_servers();
     let name = "armd";
     let labels_partitions = 2;
-    for (topic, parts) in [
-        ("responses", 2),
-        ("requests", 1),
-        ("labels", labels_partitions),
-        ("models", 1),
-        ("dead-letter", 1),
-    ] {
-        cluster
-            .create_topic(&format!("{name}.{topic}"), parts, 1)
-            .map_err(|e| anyhow!("cannot create topic {name}.{topic}: {e}"))?;
-    }
+    let (cluster, brokers) = embedded_kafka(&[name], labels_partitions)?;
     say(format!(
         "embedded Kafka (librdkafka mock cluster) at {brokers}"
     ));
 
     let out_dir = cfg.run.out_dir.clone();
-    std::fs::create_dir_all(&out_dir)
-        .with_context(|| format!("cannot create {}", out_dir.display()))?;
-    let state = out_dir.join("state");
-    if state.exists() {
-        std::fs::remove_dir_all(&state)
-            .with_context(|| format!("cannot clear {}", state.display()))?;
-    }
+    let state = fresh_state(&out_dir)?;
 
     // The strategy instance only.
     let strategy = cfg.daemon.strategy.clone();
-    let dir = state.join(name);
-    let dcfg = cfg.daemon_config(&brokers, name, &strategy, &dir, 0)?;
-    let listener = rt.block_on(async {
-        match tokio::net::TcpListener::bind(cfg.run.metrics_listen).await {
-            Ok(l) => Ok(l),
-            Err(e) => {
-                tracing::warn!(
-                    addr = %cfg.run.metrics_listen, error = %e,
-                    "metrics address taken; using a free port"
-                );
-                tokio::net::TcpListener::bind("127.0.0.1:0").await
-            }
-        }
-    })?;
-    let url = format!("http://{}/metrics", listener.local_addr()?);
-    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-    let handle = rt.spawn(crate::daemon::run_with_listener(
-        dcfg,
-        listener,
-        async move {
-            let _ = rx.await;
-        },
+    let mut inst = start_instance(&rt, cfg, &brokers, (name, strategy, 0), &state)?;
+    say(format!(
+        "{name:>6}: strategy {}, metrics at {}",
+        inst.strategy, inst.url
     ));
-    let models = models_consumer(&brokers, &format!("{name}.models"))?;
-    say(format!("{name:>6}: strategy {strategy}, metrics at {url}"));
-    let mut inst = Instance {
-        name,
-        strategy,
-        stop: Some(stop),
-        handle: Some(handle),
-        url,
-        export_dir: dir.join("model"),
-        models,
-        annotator: None,
-        curve: Vec::new(),
-        last: None,
-        applied: 0,
-        accuracy: None,
-        seen_sent: 0,
-        last_progress: Instant::now(),
-    };
 
     // The bridge, on the demo's topics.
     let bridge_state = state.join("labelstudio");
