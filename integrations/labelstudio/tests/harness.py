@@ -108,6 +108,12 @@ def read_json(brokers: str, topic: str) -> List[dict]:
     return [json.loads(m.value()) for m in read_topic(brokers, topic)]
 
 
+def read_labels(brokers: str, topic: str) -> List[dict]:
+    """The labels on armd's labels topic: its messages without the armd.scaler.v1 proposals armd itself
+    writes there (the group's feature scaling)."""
+    return [m for m in read_json(brokers, topic) if m.get("schema") != "armd.scaler.v1"]
+
+
 def produce(brokers: str, topic: str, items: List[tuple]) -> None:
     """items: (key, value bytes or None)."""
     p = Producer({"bootstrap.servers": brokers, "linger.ms": 5})
@@ -383,8 +389,15 @@ class LabelStudioServer:
     def tasks(self, project_id: int) -> List[dict]:
         out, page = [], 1
         while True:
-            r = self.api("GET", "/api/tasks/", params={"project": project_id, "page": page,
-                                                       "page_size": 100, "fields": "all"})
+            params = {"project": project_id, "page": page, "page_size": 100, "fields": "all"}
+            r = self.api("GET", "/api/tasks/", params=params)
+            for _ in range(10):
+                # Label Studio 1.23 answers 500 (KeyError in data_manager/api.py) when a task is deleted
+                # between its id query and its fetch, as the bridge does at expiry: ask again.
+                if r.status_code != 500:
+                    break
+                time.sleep(0.2)
+                r = self.api("GET", "/api/tasks/", params=params)
             if r.status_code == 404:
                 return out
             r.raise_for_status()

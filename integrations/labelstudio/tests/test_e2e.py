@@ -176,7 +176,7 @@ def test_annotator_in_chromium_answers_and_the_label_reaches_armd(
         shot = tmp_path / "labelstudio-task.png"
         assert driver.save_screenshot(str(shot))
         submit.click()
-        labels = wait_for("the label on the labels topic", lambda: H.read_json(brokers, t.labels), 60)
+        labels = wait_for("the label on the labels topic", lambda: H.read_labels(brokers, t.labels), 60)
     finally:
         driver.quit()
 
@@ -195,7 +195,7 @@ def test_annotator_in_chromium_answers_and_the_label_reaches_armd(
     wait_metric(armd, "armd_labels_applied_total", lambda v: v == applied_before + 1)
     time.sleep(2)  # nothing else arrives
     assert armd.metric("armd_labels_applied_total") == applied_before + 1
-    assert len(H.read_json(brokers, t.labels)) == 1
+    assert len(H.read_labels(brokers, t.labels)) == 1
     assert b.metric("armd_labelstudio_labels_sent_total") == 1
 
 
@@ -256,9 +256,9 @@ def test_restarts_and_crashes_create_no_duplicate_task_and_send_no_duplicate_lab
     b.start(env={"ARMD_LABELSTUDIO_FAULT": "after-label-delivered:2"})
     assert b.wait_exit(60) == 86, b.log_text()[-3000:]
     b.start()
-    wait_for("ann1's 3 labels", lambda: len(H.read_json(brokers, t.labels)) >= 3, 60)
+    wait_for("ann1's 3 labels", lambda: len(H.read_labels(brokers, t.labels)) >= 3, 60)
     time.sleep(2)
-    assert len(H.read_json(brokers, t.labels)) == 3, "a label was sent twice"
+    assert len(H.read_labels(brokers, t.labels)) == 3, "a label was sent twice"
     assert b.metric("armd_labelstudio_labels_recovered_total") >= 1
 
     # 3. Several annotators per task: the queue gives ann2 the tasks ann1 answered (2 labels wanted),
@@ -271,10 +271,10 @@ def test_restarts_and_crashes_create_no_duplicate_task_and_send_no_duplicate_lab
     assert third in first
     b.start()
 
-    wait_for("6 labels", lambda: len(H.read_json(brokers, t.labels)) >= 6, 60)
+    wait_for("6 labels", lambda: len(H.read_labels(brokers, t.labels)) >= 6, 60)
     wait_metric(armd, "armd_labels_applied_total", lambda v: v == 6)
     time.sleep(3)
-    labels = H.read_json(brokers, t.labels)
+    labels = H.read_labels(brokers, t.labels)
     sent = Counter((lb["request_id"], lb["annotator_id"], lb["outcome"]) for lb in labels)
     assert sent == Counter(answers), f"labels {sent} vs answers {answers}"
     assert len(labels) == 6
@@ -325,7 +325,7 @@ def test_expired_requests_leave_the_queue_and_late_answers_are_not_sent(
              lambda: not (expired & set(task_requests(label_studio, pid))), 30)
     time.sleep(2)
     # ... and the late answer was never sent.
-    labels = H.read_json(brokers, t.labels)
+    labels = H.read_labels(brokers, t.labels)
     assert [lb["request_id"] for lb in labels] == [timely]
     wait_metric(b, 'armd_labelstudio_annotations_skipped_total{reason="late"}', lambda v: v == 1)
     assert "not sent" in b.log_text()
@@ -347,7 +347,7 @@ def test_expired_requests_leave_the_queue_and_late_answers_are_not_sent(
         time.sleep(1.0)
     wait_for("the new requests' tasks to be deleted at their expiry",
              lambda: not (set(watched) & set(task_requests(label_studio, pid))), 15)
-    assert [lb["request_id"] for lb in H.read_json(brokers, t.labels)] == [timely]
+    assert [lb["request_id"] for lb in H.read_labels(brokers, t.labels)] == [timely]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -377,14 +377,14 @@ def test_label_studio_outage_is_waited_out_without_losing_a_request(stack, bridg
     task = label_studio.next_task(pid, ann)
     assert label_studio.annotate(task["id"], ann, "Tie").status_code == 201
     wait_metric(b, "armd_labelstudio_label_studio_up", lambda v: v == 0, timeout=30)
-    assert H.read_json(brokers, t.labels) == []
+    assert H.read_labels(brokers, t.labels) == []
 
     proxy.up()
     ids = sorted(r["request_id"] for r in requests_on(brokers, t.requests))
     wait_for("one task per request after the outage",
              lambda: sorted(task_requests(label_studio, pid)) == ids, 60,
              detail=lambda: f"{Counter(task_requests(label_studio, pid))} vs {len(ids)} requests")
-    labels = wait_for("the answer given during the outage", lambda: H.read_json(brokers, t.labels), 30)
+    labels = wait_for("the answer given during the outage", lambda: H.read_labels(brokers, t.labels), 30)
     assert [(lb["request_id"], lb["outcome"]) for lb in labels] == [(task["data"]["armd_request_id"], "tie")]
     wait_metric(armd, "armd_labels_applied_total", lambda v: v == 1)
     assert b.metric('armd_labelstudio_backend_errors_total{backend="label_studio"}') >= 2
@@ -423,7 +423,7 @@ def test_kafka_unreachable_at_start_is_waited_out(bridge, brokers, label_studio)
     task = label_studio.next_task(pid, ann)
     assert (task["data"]["text_a"], task["data"]["text_b"]) == ("Hi!", "Hello there.")
     assert label_studio.annotate(task["id"], ann, "B").status_code == 201
-    labels = wait_for("the label", lambda: H.read_json(brokers, t.labels), 30)
+    labels = wait_for("the label", lambda: H.read_labels(brokers, t.labels), 30)
     assert [(lb["request_id"], lb["outcome"], lb["annotator_id"]) for lb in labels] == \
         [(req["request_id"], "b", ann.email)]
     proxy.down()
