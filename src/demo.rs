@@ -69,6 +69,8 @@ pub struct DataConfig {
     pub responses_per_prompt: usize,
     pub dim: usize,
     pub latent_dim: usize,
+    /// Share of the golden reward's variance that is non-linear in the latent, in [0, 1].
+    pub nonlinearity: f64,
     pub held_out_fraction: f64,
     pub seed: u64,
 }
@@ -117,6 +119,7 @@ impl Default for DataConfig {
             responses_per_prompt: 8,
             dim: 64,
             latent_dim: 32,
+            nonlinearity: 0.0,
             held_out_fraction: 0.25,
             seed: 7,
         }
@@ -182,6 +185,9 @@ impl DemoConfig {
             bail!(
                 "data: need n_prompts >= 4, responses_per_prompt >= 2, dim >= 2, latent_dim >= 1"
             );
+        }
+        if !(0.0..=1.0).contains(&d.nonlinearity) {
+            bail!("data.nonlinearity must be in [0, 1]");
         }
         if !(d.held_out_fraction > 0.0 && d.held_out_fraction < 1.0) {
             bail!("data.held_out_fraction must be in (0, 1)");
@@ -681,6 +687,7 @@ fn synthetic(cfg: &DemoConfig) -> Result<Dataset> {
         responses_per_prompt: cfg.data.responses_per_prompt,
         dim: cfg.data.dim,
         latent_dim: cfg.data.latent_dim,
+        nonlinearity: cfg.data.nonlinearity,
         seed: cfg.data.seed,
         ..SyntheticConfig::default()
     })

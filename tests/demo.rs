@@ -70,12 +70,14 @@ metrics_listen = "127.0.0.1:0"
 }
 
 /// What the demo promises: with its shipped settings, armd's model ranks held-out responses better than
-/// its random-selection twin's at the end of the run. Over seeds, not per seed: on one seed the two can
-/// finish level (measured with the debug build: final Spearman differences +0.028, +0.028, −0.003 on
-/// data seeds 7, 8, 9; +0.019 on 10). The mean over the three seeds must be positive.
+/// its random-selection twin's. Judged on the learning curve, not its last point: the mean, over labels
+/// 100 to the budget, of armd's held-out Spearman minus random's, averaged over three data seeds. One
+/// snapshot of one run is noisy (timing decides which pairs either daemon picks); the curve and the seeds
+/// average that out. Measured with the release build, idle machine: +0.056, +0.025, +0.084 on seeds
+/// 7, 8, 9 (+0.103, +0.048, +0.086 on 10-12).
 #[test]
-fn default_demo_ends_with_armd_ahead_of_random_on_average_over_seeds() {
-    let mut diffs = Vec::new();
+fn default_demo_keeps_armd_ahead_of_random_over_the_curve_and_seeds() {
+    let mut gaps = Vec::new();
     for seed in [7, 8, 9] {
         let out = tempfile::tempdir().unwrap();
         let mut cfg = DemoConfig::from_toml("").unwrap();
@@ -94,15 +96,40 @@ fn default_demo_ends_with_armd_ahead_of_random_on_average_over_seeds() {
                 cfg.run.label_budget
             );
         }
+        let grid: Vec<f64> = (100..=cfg.run.label_budget)
+            .step_by(10)
+            .map(|l| l as f64)
+            .collect();
+        let gap = grid
+            .iter()
+            .map(|&l| interpolate(&armd.curve, l) - interpolate(&random.curve, l))
+            .sum::<f64>()
+            / grid.len() as f64;
         eprintln!(
-            "demo seed {seed}: armd {:.3} random {:.3} at {} labels",
-            armd.final_spearman, random.final_spearman, armd.labels_applied
+            "demo seed {seed}: final armd {:.3} random {:.3} at {} labels; mean gap over labels 100..{} {gap:+.3}",
+            armd.final_spearman, random.final_spearman, armd.labels_applied, cfg.run.label_budget
         );
-        diffs.push(armd.final_spearman - random.final_spearman);
+        gaps.push(gap);
     }
-    let mean = diffs.iter().sum::<f64>() / diffs.len() as f64;
+    let mean = gaps.iter().sum::<f64>() / gaps.len() as f64;
     assert!(
         mean > 0.0,
-        "armd's final held-out Spearman minus random's, per seed: {diffs:?} (mean {mean:+.3})"
+        "armd's held-out Spearman minus random's, mean over the curve, per seed: {gaps:?} (mean {mean:+.3})"
     );
+}
+
+/// The curve's value at `labels` (linear between snapshots, flat beyond the ends).
+fn interpolate(curve: &[(u64, f64)], labels: f64) -> f64 {
+    let first = curve.first().expect("a scored snapshot");
+    if labels <= first.0 as f64 {
+        return first.1;
+    }
+    for w in curve.windows(2) {
+        let ((l0, v0), (l1, v1)) = (w[0], w[1]);
+        if labels <= l1 as f64 {
+            let t = (labels - l0 as f64) / (l1 - l0).max(1) as f64;
+            return v0 + t * (v1 - v0);
+        }
+    }
+    curve.last().expect("non-empty").1
 }
