@@ -294,3 +294,207 @@ fn active_strategies_beat_random_with_the_same_auto_prior() {
         "targeted-info {targeted} vs random {random}"
     );
 }
+
+// ------------------------------------------------------------------------------------------------
+// Scale-out (`[scale_out]`, docs/scale-out.md)
+
+/// `small` with the three strategies of the scale-out report, both candidate kinds and a refit every 7
+/// labels (so the refit path runs inside rounds).
+fn scale_out_config(out: &Path) -> SimulateConfig {
+    let mut c = small(out);
+    c.strategies = vec![
+        "random".into(),
+        "greedy-dopt".into(),
+        "targeted-info".into(),
+    ];
+    c.protocol.candidates = "both".into();
+    c.protocol.refit_every = 7;
+    c.output.plots = false;
+    c
+}
+
+/// (strategy, seed, round, labels, metric, value) rows of a `points.csv`.
+type Row = (String, u64, usize, usize, String, f64);
+
+fn rows(dir: &Path) -> Vec<Row> {
+    let text = String::from_utf8(read(dir.join("points.csv"))).unwrap();
+    text.lines()
+        .skip(1)
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            (
+                f[0].to_string(),
+                f[1].parse().unwrap(),
+                f[2].parse().unwrap(),
+                f[3].parse().unwrap(),
+                f[4].to_string(),
+                f[5].parse().unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn metric<'a>(rows: &'a [Row], name: &'a str) -> impl Iterator<Item = &'a Row> + 'a {
+    rows.iter().filter(move |r| r.4 == name)
+}
+
+#[test]
+fn one_instance_reproduces_the_single_daemon_protocol_exactly() {
+    // Final-round values of `scale_out_config` written by armd before `[scale_out]` existed (commit
+    // c8206b9, release build): (strategy, seed, 1 − Spearman, prequential log-loss, λ₀), all at 20 labels.
+    // The log-loss and λ₀ depend on every label applied, so any change of a pick or a label moves them.
+    #[rustfmt::skip]
+    let golden = [
+        ("random", 0, 0.925, 0.6338928535861152, 22.30873719278552),
+        ("random", 1, 0.3416666666666667, 0.6780695916519889, 65.26897425905476),
+        ("greedy-dopt", 0, 0.4083333333333332, 0.6146235537835762, 37.470128433780644),
+        ("greedy-dopt", 1, 0.31666666666666654, 0.6088051776645983, 60.88367486256078),
+        ("targeted-info", 0, 0.3666666666666666, 0.510876320085739, 23.419691466218993),
+        ("targeted-info", 1, 0.2833333333333332, 0.5709135578665678, 55.12710984553944),
+    ];
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    simulate::run(scale_out_config(a.path()), false).unwrap();
+    let r = rows(a.path());
+    let close = |x: f64, y: f64| (x - y).abs() <= 1e-9 * y.abs().max(1.0);
+    for (s, seed, sp, ll, lambda) in golden {
+        let at = |m: &str| {
+            let x = metric(&r, m)
+                .find(|x| x.0 == s && x.1 == seed && x.2 == 3)
+                .unwrap_or_else(|| panic!("{s} seed {seed}: no {m} at round 3"));
+            (x.3, x.5)
+        };
+        for (m, want) in [
+            ("one_minus_spearman", sp),
+            ("prequential_log_loss", ll),
+            ("prior_precision", lambda),
+        ] {
+            let (labels, got) = at(m);
+            assert_eq!(labels, 20, "{s} seed {seed}: labels");
+            assert!(close(got, want), "{s} seed {seed} {m}: {got} vs {want}");
+        }
+    }
+    assert!(r
+        .iter()
+        .all(|x| !x.4.contains("instance") && x.4 != "model_labels"));
+    // instances = 1 is one daemon whatever `learners` says: the very same bytes.
+    let mut c = scale_out_config(b.path());
+    c.scale_out.instances = 1;
+    c.scale_out.learners = "independent".into();
+    simulate::run(c, false).unwrap();
+    assert_eq!(
+        read(a.path().join("points.csv")),
+        read(b.path().join("points.csv"))
+    );
+}
+
+#[test]
+fn three_shared_instances_buy_as_many_labels_as_one_and_learn_all_of_them() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    simulate::run(scale_out_config(a.path()), false).unwrap();
+    let mut c = scale_out_config(b.path());
+    c.scale_out.instances = 3;
+    let s = simulate::run(c, false).unwrap();
+    assert!(s.header.contains("scale-out: 3 instances, shared learners"));
+    let (one, three) = (rows(a.path()), rows(b.path()));
+    let sp1: Vec<&Row> = metric(&one, "one_minus_spearman").collect();
+    let sp3: Vec<&Row> = metric(&three, "one_minus_spearman").collect();
+    assert_eq!(sp1.len(), 3 * 2 * 4);
+    assert_eq!(sp1.len(), sp3.len());
+    for (x, y) in sp1.iter().zip(&sp3) {
+        // Same replicate, same round, same number of labels paid for (5 seed labels + 5 per round)...
+        assert_eq!((&x.0, x.1, x.2), (&y.0, y.1, y.2));
+        assert_eq!(x.3, 5 + 5 * x.2, "{x:?}");
+        assert_eq!(x.3, y.3, "{x:?} vs {y:?}");
+        // ...the same seed labels...
+        if x.2 == 0 {
+            assert_eq!(x.5, y.5, "{x:?} vs {y:?}");
+        }
+    }
+    // ...and the one model applies every label.
+    for m in metric(&three, "model_labels") {
+        assert_eq!(m.5, m.3 as f64, "{m:?}");
+    }
+    // Splitting the pool changes the picks: some active replicate ends with another model.
+    let last = |r: &[Row]| -> Vec<f64> {
+        metric(r, "prequential_log_loss")
+            .filter(|x| x.2 == 3 && x.0 != "random")
+            .map(|x| x.5)
+            .collect()
+    };
+    assert_ne!(last(&one), last(&three));
+}
+
+#[test]
+fn three_independent_instances_each_learn_their_own_third_of_the_labels() {
+    let out = tempfile::tempdir().unwrap();
+    let mut c = scale_out_config(out.path());
+    c.scale_out.instances = 3;
+    c.scale_out.learners = "independent".into();
+    c.protocol.k = 7; // shares 3, 2, 2
+    simulate::run(c, false).unwrap();
+    let r = rows(out.path());
+    let shares = [3usize, 2, 2];
+    for sp in metric(&r, "one_minus_spearman") {
+        let (s, seed, round, paid) = (&sp.0, sp.1, sp.2, sp.3);
+        let at = |m: &str| {
+            r.iter()
+                .find(|x| x.0 == *s && x.1 == seed && x.2 == round && x.4 == m)
+                .unwrap_or_else(|| panic!("{s} seed {seed} round {round}: no {m}"))
+                .5
+        };
+        // The deployment paid for the seed labels once and 7 per round.
+        assert_eq!(paid, 5 + 7 * round);
+        let mut own = 0;
+        for (i, share) in shares.iter().enumerate() {
+            // Every instance model holds the seed labels and only its own share since.
+            let n = at(&format!("instance_{i}_labels")) as usize;
+            assert_eq!(
+                n,
+                5 + share * round,
+                "{s} seed {seed} round {round} instance {i}"
+            );
+            own += n - 5;
+        }
+        assert_eq!(own + 5, paid);
+        // The reported model is instance 0's; the mean is over the three models.
+        assert_eq!(at("model_labels"), at("instance_0_labels"));
+        assert_eq!(sp.5, at("instance_0_one_minus_spearman"));
+        let mean = (0..3)
+            .map(|i| at(&format!("instance_{i}_one_minus_spearman")))
+            .sum::<f64>()
+            / 3.0;
+        assert!((at("instance_mean_one_minus_spearman") - mean).abs() < 1e-12);
+    }
+}
+
+#[test]
+fn scale_out_config_errors_name_the_key() {
+    let out = tempfile::tempdir().unwrap();
+    let mut c = scale_out_config(out.path());
+    c.scale_out.instances = 0;
+    let e = error_of(c);
+    assert!(
+        e.contains("scale_out.instances") && e.contains(">= 1"),
+        "{e}"
+    );
+    let mut c = scale_out_config(out.path());
+    c.scale_out.learners = "federated".into();
+    let e = error_of(c);
+    assert!(
+        e.contains("scale_out.learners") && e.contains("'federated'"),
+        "{e}"
+    );
+    // The flags land on the same keys.
+    let args = simulate::SimulateArgs {
+        instances: Some(0),
+        ..Default::default()
+    };
+    let e = format!("{:#}", args.config().unwrap().plan().unwrap_err());
+    assert!(e.contains("scale_out.instances"), "{e}");
+    let args = simulate::SimulateArgs {
+        learners: Some("both".into()),
+        ..Default::default()
+    };
+    let e = format!("{:#}", args.config().unwrap().plan().unwrap_err());
+    assert!(e.contains("scale_out.learners"), "{e}");
+}

@@ -51,6 +51,7 @@ pub struct SimulateConfig {
     pub protocol: ProtocolConfig,
     pub selection: SelectionConfig,
     pub output: OutputConfig,
+    pub scale_out: ScaleOutConfig,
 }
 
 impl Default for SimulateConfig {
@@ -66,6 +67,7 @@ impl Default for SimulateConfig {
             protocol: ProtocolConfig::default(),
             selection: SelectionConfig::default(),
             output: OutputConfig::default(),
+            scale_out: ScaleOutConfig::default(),
         }
     }
 }
@@ -257,6 +259,67 @@ impl Default for OutputConfig {
     }
 }
 
+/// Several daemon instances in one consumer group (docs/scale-out.md): each round's pool is split across
+/// them by prompt (the responses topic is keyed by prompt id, so one prompt's responses share a partition),
+/// and each picks its share of the batch from its own share of the pool.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScaleOutConfig {
+    /// Number of instances (1: a single daemon, the classic protocol).
+    pub instances: usize,
+    /// `"shared"`: every instance applies every label to one shared posterior and conditions its selection
+    /// on the other instances' open requests. `"independent"`: each instance applies only the labels of its
+    /// own requests to its own posterior (the reported model is instance 0's).
+    pub learners: String,
+}
+
+impl Default for ScaleOutConfig {
+    fn default() -> Self {
+        Self {
+            instances: 1,
+            learners: "shared".into(),
+        }
+    }
+}
+
+/// How the instances of a scale-out run learn.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Learners {
+    /// One posterior: every label goes to it; selection conditions on every instance's in-flight picks.
+    Shared,
+    /// One posterior per instance, fed only that instance's labels (and the seed labels).
+    Independent,
+}
+
+impl fmt::Display for Learners {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Learners::Shared => "shared",
+            Learners::Independent => "independent",
+        })
+    }
+}
+
+/// The validated `[scale_out]` section.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ScaleOut {
+    pub instances: usize,
+    pub learners: Learners,
+}
+
+impl ScaleOut {
+    /// One instance: the classic single-daemon protocol.
+    pub fn single(&self) -> bool {
+        self.instances == 1
+    }
+
+    /// The batch share of instance `i` when `k` pairs are picked per round: `k` split as evenly as
+    /// possible, the first `k mod instances` instances taking one more.
+    pub fn batch_share(&self, k: usize, i: usize) -> usize {
+        k / self.instances + usize::from(i < k % self.instances)
+    }
+}
+
 /// Accepts a TOML float (including TOML's own `inf`), an integer, or the strings `"inf"`/`"infinity"`.
 fn float_or_inf<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
     #[derive(Deserialize)]
@@ -306,6 +369,7 @@ pub struct Plan {
     pub params: SelectionParams,
     pub protocol: ProtocolConfig,
     pub output: OutputConfig,
+    pub scale_out: ScaleOut,
 }
 
 impl SimulateConfig {
@@ -447,6 +511,8 @@ impl SimulateConfig {
             other => ConfigError::new("selection", other),
         })?;
 
+        let scale_out = self.scale_out.validate(p)?;
+
         let mut protocol = p.clone();
         protocol.best_of_n.sort_unstable();
         protocol.best_of_n.dedup();
@@ -464,12 +530,45 @@ impl SimulateConfig {
             params,
             protocol,
             output: self.output.clone(),
+            scale_out,
         })
     }
 
     /// Alias of [`Self::plan`] for callers that only want the check.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.plan().map(|_| ())
+    }
+}
+
+impl ScaleOutConfig {
+    /// Checks the section against the protocol (every instance must get at least one pair per round).
+    pub fn validate(&self, protocol: &ProtocolConfig) -> Result<ScaleOut, ConfigError> {
+        if self.instances == 0 {
+            return Err(ConfigError::new("scale_out.instances", "must be >= 1"));
+        }
+        if protocol.rounds > 0 && self.instances > protocol.k {
+            return Err(ConfigError::new(
+                "scale_out.instances",
+                format!(
+                    "{} exceeds protocol.k = {} (every instance picks at least one pair per round)",
+                    self.instances, protocol.k
+                ),
+            ));
+        }
+        let learners = match self.learners.trim() {
+            "shared" => Learners::Shared,
+            "independent" => Learners::Independent,
+            other => {
+                return Err(ConfigError::new(
+                    "scale_out.learners",
+                    format!("unknown value '{other}' (expected \"shared\" or \"independent\")"),
+                ))
+            }
+        };
+        Ok(ScaleOut {
+            instances: self.instances,
+            learners,
+        })
     }
 }
 
@@ -589,6 +688,18 @@ mod tests {
             (
                 "synthetic.responses_per_prompt",
                 Box::new(|c| c.synthetic.responses_per_prompt = 1),
+            ),
+            (
+                "scale_out.instances",
+                Box::new(|c| c.scale_out.instances = 0),
+            ),
+            (
+                "scale_out.instances",
+                Box::new(|c| c.scale_out.instances = c.protocol.k + 1),
+            ),
+            (
+                "scale_out.learners",
+                Box::new(|c| c.scale_out.learners = "federated".into()),
             ),
         ];
         for (key, mutate) in cases {

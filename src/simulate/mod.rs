@@ -9,7 +9,8 @@
 //!   non-linear).
 //! - [`protocol`]: one (strategy, seed) replicate — split, scaling, seed labels, rounds of
 //!   candidates → `selection::select` → simulated annotator → `Posterior::update`, held-out evaluation.
-//!   It calls the same functions as the daemon, never copies of them.
+//!   It calls the same functions as the daemon, never copies of them. `[scale_out]` splits each round's
+//!   pool across several instances, with shared or independent learners (docs/scale-out.md).
 //! - [`report`]: `points.csv`, curves over seeds, the summary table.
 //! - [`plot`]: SVG curves like the paper's Figure 3.
 //!
@@ -30,7 +31,7 @@ use anyhow::Context;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rayon::prelude::*;
 
-pub use config::{ConfigError, Plan, SimulateConfig, Source};
+pub use config::{ConfigError, Learners, Plan, ScaleOut, SimulateConfig, Source};
 pub use dataset::{Dataset, DatasetError};
 pub use protocol::Timings;
 pub use report::{Curve, MeanSd, Metric, Point, StrategySummary};
@@ -169,7 +170,7 @@ pub fn run_plan(plan: &Plan, data: &Dataset, progress: bool) -> anyhow::Result<S
     points.sort_by_key(key);
     let curves = report::curves(&points, &plan.strategies);
     let rows = report::summarise(&curves, &plan.strategies);
-    let header = format!(
+    let mut header = format!(
         "## {} — {} responses, {} prompts, d = {}; candidates {}, k = {}, {} rounds + {} seed labels, {} prompts/round, β = {}, λ₀ = {}, scaling {}, refit every {}; seeds {:?}",
         data.name,
         data.len(),
@@ -186,6 +187,13 @@ pub fn run_plan(plan: &Plan, data: &Dataset, progress: bool) -> anyhow::Result<S
         if proto.refit_every == 0 { "never".to_string() } else { format!("{} labels", proto.refit_every) },
         plan.seeds,
     );
+    if !plan.scale_out.single() {
+        let _ = write!(
+            header,
+            "; scale-out: {} instances, {} learners",
+            plan.scale_out.instances, plan.scale_out.learners
+        );
+    }
     let mut files = Vec::new();
     let csv = plan.out_dir.join("points.csv");
     std::fs::write(&csv, report::points_csv(&points))
@@ -253,6 +261,12 @@ pub struct SimulateArgs {
     /// Refit the MAP every N labels, 0 = never (`protocol.refit_every`).
     #[arg(long)]
     pub refit_every: Option<usize>,
+    /// Daemon instances in one consumer group, each pooling its share of the responses (`scale_out.instances`).
+    #[arg(long)]
+    pub instances: Option<usize>,
+    /// How the instances learn: shared or independent (`scale_out.learners`).
+    #[arg(long)]
+    pub learners: Option<String>,
     /// Any key, as `dotted.key=TOML value` (e.g. `--set synthetic.dim=2048`); repeatable, applied last.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
@@ -343,6 +357,16 @@ impl SimulateArgs {
         if let Some(x) = self.refit_every {
             set_key(&mut table, "protocol.refit_every", int(x))?;
         }
+        if let Some(x) = self.instances {
+            set_key(&mut table, "scale_out.instances", int(x))?;
+        }
+        if let Some(x) = &self.learners {
+            set_key(
+                &mut table,
+                "scale_out.learners",
+                toml::Value::String(x.clone()),
+            )?;
+        }
         if let Some(x) = &self.candidates {
             set_key(
                 &mut table,
@@ -424,6 +448,8 @@ mod tests {
             beta: Some("inf".into()),
             dataset: Some("data/x".into()),
             set: vec!["synthetic.dim=12".into(), "output.title=\"hello\"".into()],
+            instances: Some(3),
+            learners: Some("independent".into()),
             ..Default::default()
         };
         let c = args.config().unwrap();
@@ -435,6 +461,8 @@ mod tests {
         assert_eq!(c.dataset.path, PathBuf::from("data/x"));
         assert_eq!(c.synthetic.dim, 12);
         assert_eq!(c.output.title, "hello");
+        assert_eq!(c.scale_out.instances, 3);
+        assert_eq!(c.scale_out.learners, "independent");
         let bad = SimulateArgs {
             set: vec!["protocol.kk=1".into()],
             ..Default::default()

@@ -7,6 +7,16 @@
 //! annotator's coin for a given pair (hashed from the seed and the two responses, see [`Annotator`]). Two
 //! strategies on one seed therefore face the same pools, and a pair labelled by both gets the same label,
 //! which makes their curves comparable with few seeds.
+//!
+//! Scale-out (`scale_out.instances` = N > 1, docs/scale-out.md): each round's pool is split across N
+//! instances by prompt, as Kafka partitions the responses topic by its key (the prompt id); instance i
+//! builds candidates from its own share only and picks its share of the batch (`k` split as evenly as
+//! possible). With shared learners there is one posterior, instance i's selection conditions on the pairs
+//! instances 0..i picked this round (passed as in-flight difference vectors, as the daemon passes its open
+//! requests), and every label of the round is applied to it. With independent learners each instance has
+//! its own posterior (all start from the same seed labels), selects with it, conditions only on its own
+//! picks and learns only its own labels; the reported model is instance 0's. The prompt draw, the seed
+//! labels and the annotator are the same as with one instance, so runs are paired across N and learners.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -17,7 +27,7 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
-use super::config::Plan;
+use super::config::{Learners, Plan};
 use super::dataset::Dataset;
 use super::report::{Metric, Point};
 use crate::candidates::{self, Pair};
@@ -32,6 +42,16 @@ const STREAM_SPLIT: u64 = 1;
 const STREAM_ROUND: u64 = 2;
 const STREAM_STRATEGY: u64 = 3;
 const STREAM_ANNOTATOR: u64 = 4;
+const STREAM_PARTITION: u64 = 5;
+
+/// The instance that pools the responses of prompt `prompt` among `instances` (a fixed hash of the key,
+/// like Kafka's partitioner: the same prompt always lands on the same instance, whatever the seed).
+pub fn instance_of(prompt: u64, instances: usize) -> usize {
+    if instances <= 1 {
+        return 0;
+    }
+    (mix(&[STREAM_PARTITION, prompt]) % instances as u64) as usize
+}
 
 fn splitmix64(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -177,6 +197,20 @@ impl<'d> Prepared<'d> {
     /// Draws round `round`'s pool (same for every strategy): returns the global rows of the pool, ascending,
     /// and the candidate pairs over pool positions.
     fn draw_pool(&self, plan: &Plan, round: usize) -> (Vec<usize>, Vec<Pair>) {
+        let mut shares = self.draw_shares(plan, round, 1);
+        shares.pop().unwrap_or_default()
+    }
+
+    /// Draws round `round`'s pool and splits it across `instances` by prompt ([`instance_of`]): per
+    /// instance, its global rows (ascending) and its candidate pairs over its own pool positions. The
+    /// candidate sets are drawn one instance after the other from the round's stream, so one instance gets
+    /// exactly [`Self::draw_pool`]'s pool and candidates.
+    fn draw_shares(
+        &self,
+        plan: &Plan,
+        round: usize,
+        instances: usize,
+    ) -> Vec<(Vec<usize>, Vec<Pair>)> {
         let mut rng = stream(self.seed, STREAM_ROUND, round as u64);
         let take = plan.protocol.prompts_per_round.min(self.train.len());
         let mut picked: Vec<usize> = rand::seq::index::sample(&mut rng, self.train.len(), take)
@@ -189,9 +223,18 @@ impl<'d> Prepared<'d> {
             .iter()
             .flat_map(|&g| groups[g].rows.iter().copied())
             .collect();
-        let prompts: Vec<u64> = rows.iter().map(|&i| self.data.prompt()[i]).collect();
-        let pairs = candidates::generate(&prompts, &plan.candidates, &mut rng);
-        (rows, pairs)
+        (0..instances)
+            .map(|i| {
+                let mine: Vec<usize> = rows
+                    .iter()
+                    .copied()
+                    .filter(|&r| instance_of(self.data.prompt()[r], instances) == i)
+                    .collect();
+                let prompts: Vec<u64> = mine.iter().map(|&r| self.data.prompt()[r]).collect();
+                let pairs = candidates::generate(&prompts, &plan.candidates, &mut rng);
+                (mine, pairs)
+            })
+            .collect()
     }
 
     fn difference(&self, a: usize, b: usize) -> Vec<f64> {
@@ -267,17 +310,28 @@ pub fn run_replicate(
     let proto = &plan.protocol;
     let data = prep.data;
     let auto = proto.prior_precision.is_auto();
-    let mut posterior = Posterior::new(
-        data.dim(),
-        proto.prior_precision.initial(prep.mean_sq_difference),
-    )?;
+    let scale = plan.scale_out;
+    let instances = scale.instances;
+    let independent = !scale.single() && scale.learners == Learners::Independent;
+    // One posterior (one instance, or shared learners), or one per instance (independent learners).
+    let mut posteriors = (0..if independent { instances } else { 1 })
+        .map(|_| {
+            Posterior::new(
+                data.dim(),
+                proto.prior_precision.initial(prep.mean_sq_difference),
+            )
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let mut annotator = Annotator::new(prep.seed, proto.beta, data.reward());
     let mut t = Timings::default();
     let mut points = Vec::new();
     let refit_opts = RefitOptions::default();
     let evidence = EvidenceOptions::default();
     // Uses of each dataset row so far (the daemon's `pool.max_uses`: a used-up response leaves the pool).
+    // Instances pool disjoint prompts, so one count per row serves all of them.
     let mut uses = vec![0u32; data.len()];
+    // Labels the whole deployment paid for (seed labels counted once).
+    let mut paid = 0usize;
 
     // A refit, with the evidence-chosen prior when it is `auto`.
     let refit = |posterior: &mut Posterior, t: &mut Timings| -> anyhow::Result<()> {
@@ -294,16 +348,27 @@ pub fn run_replicate(
         t.refit += start.elapsed();
         Ok(())
     };
-    let mut apply = |posterior: &mut Posterior,
-                     pairs: &[(usize, usize)],
-                     uses: &mut [u32],
-                     t: &mut Timings|
+    // The annotator's labels for `pairs` (each pair asked once; the uses are counted).
+    let mut ask = |pairs: &[(usize, usize)], uses: &mut [u32], t: &mut Timings| {
+        let start = Instant::now();
+        let labelled: Vec<(usize, usize, f64)> = pairs
+            .iter()
+            .map(|&(a, b)| {
+                uses[a] += 1;
+                uses[b] += 1;
+                (a, b, annotator.label(a, b))
+            })
+            .collect();
+        t.update += start.elapsed();
+        labelled
+    };
+    // Applies labelled pairs to one posterior, with its refit cadence.
+    let fit = |posterior: &mut Posterior,
+               labelled: &[(usize, usize, f64)],
+               t: &mut Timings|
      -> anyhow::Result<()> {
-        for &(a, b) in pairs {
+        for &(a, b, y) in labelled {
             let start = Instant::now();
-            let y = annotator.label(a, b);
-            uses[a] += 1;
-            uses[b] += 1;
             posterior
                 .update(&prep.difference(a, b), y)
                 .with_context(|| format!("updating the posterior with rows ({a}, {b})"))?;
@@ -313,26 +378,19 @@ pub fn run_replicate(
             }
         }
         // With `auto` and no refit cadence, the prior is re-chosen once per round.
-        if auto && proto.refit_every == 0 && !pairs.is_empty() {
+        if auto && proto.refit_every == 0 && !labelled.is_empty() {
             refit(posterior, t)?;
         }
         Ok(())
     };
-    let uses_left = |rows: &[usize], uses: &[u32]| -> Vec<u32> {
-        if proto.max_uses == 0 {
-            return Vec::new();
-        }
-        rows.iter()
-            .map(|&r| proto.max_uses.saturating_sub(uses[r]))
-            .collect()
-    };
 
-    // Round 0: the random seed labels, identical for every strategy.
+    // Round 0: the random seed labels, identical for every strategy (and, with independent learners,
+    // given to every instance).
     let start = Instant::now();
     let (rows, pairs) = prep.draw_pool(plan, 0);
     let mut rng = stream(prep.seed, STREAM_STRATEGY, 0);
     let take = proto.seed_labels.min(pairs.len());
-    let mut budget = UseBudget::new(&uses_left(&rows, &uses));
+    let mut budget = UseBudget::new(&uses_left(proto.max_uses, &rows, &uses));
     let seed_pairs: Vec<(usize, usize)> =
         rand::seq::index::sample(&mut rng, pairs.len(), pairs.len())
             .into_iter()
@@ -341,58 +399,171 @@ pub fn run_replicate(
             .map(|c| (rows[pairs[c].a as usize], rows[pairs[c].b as usize]))
             .collect();
     t.candidates += start.elapsed();
-    apply(&mut posterior, &seed_pairs, &mut uses, &mut t)?;
-    evaluate(kind, prep, &posterior, 0, &mut points, &mut t)?;
+    let labelled = ask(&seed_pairs, &mut uses, &mut t);
+    paid += labelled.len();
+    for posterior in &mut posteriors {
+        fit(posterior, &labelled, &mut t)?;
+    }
+    evaluate(kind, prep, plan, &posteriors, 0, paid, &mut points, &mut t)?;
     tick();
 
     for round in 1..=proto.rounds {
         let start = Instant::now();
-        let (rows, pairs) = prep.draw_pool(plan, round);
-        let pool = Mat::from_fn(data.dim(), rows.len(), |i, j| prep.x[(i, rows[j])]);
-        let prompts: Vec<u64> = rows.iter().map(|&i| data.prompt()[i]).collect();
-        let targets = candidates::within_prompt(&prompts);
-        let left = uses_left(&rows, &uses);
+        let shares = prep.draw_shares(plan, round, instances);
         t.candidates += start.elapsed();
-
-        let start = Instant::now();
-        let input = SelectionInput {
-            posterior: &posterior,
-            embeddings: pool.as_ref(),
-            candidates: &pairs,
-            in_flight: &[],
-            k: proto.k,
-            targets: &targets,
-            uses_left: &left,
-        };
+        // The strategy's stream of the round, used by the instances one after the other.
         let mut rng = stream(prep.seed, STREAM_STRATEGY, round as u64);
-        let picks = selection::select(kind, input, &plan.params, &mut rng)
-            .with_context(|| format!("strategy {kind}, round {round}"))?;
-        t.select += start.elapsed();
-        drop(pool);
-
-        let chosen: Vec<(usize, usize)> = picks
-            .iter()
-            .map(|p| (rows[p.pair.a as usize], rows[p.pair.b as usize]))
-            .collect();
-        apply(&mut posterior, &chosen, &mut uses, &mut t)?;
-        evaluate(kind, prep, &posterior, round, &mut points, &mut t)?;
+        let chosen = pick_round(
+            kind,
+            prep,
+            plan,
+            &shares,
+            &posteriors,
+            &uses,
+            &mut rng,
+            &mut t,
+        )
+        .with_context(|| format!("round {round}"))?;
+        if independent {
+            for (posterior, mine) in posteriors.iter_mut().zip(&chosen) {
+                let labelled = ask(mine, &mut uses, &mut t);
+                paid += labelled.len();
+                fit(posterior, &labelled, &mut t)?;
+            }
+        } else {
+            let all: Vec<(usize, usize)> = chosen.concat();
+            let labelled = ask(&all, &mut uses, &mut t);
+            paid += labelled.len();
+            fit(&mut posteriors[0], &labelled, &mut t)?;
+        }
+        evaluate(
+            kind,
+            prep,
+            plan,
+            &posteriors,
+            round,
+            paid,
+            &mut points,
+            &mut t,
+        )?;
         tick();
     }
     Ok(Replicate { points, timings: t })
 }
 
-/// Held-out metrics of the current posterior mean, appended as points.
+/// One round's picks, per instance (global row pairs), the instances choosing one after the other from
+/// their own share of the pool with `rng`. Shared learners: one posterior, and instance i conditions on the
+/// pairs instances 0..i picked this round (passed as in-flight difference vectors, as the daemon passes the
+/// open requests of every instance). Independent learners: instance i selects with `posteriors[i]` and
+/// conditions on nothing of the others'.
+#[allow(clippy::too_many_arguments)]
+fn pick_round(
+    kind: StrategyKind,
+    prep: &Prepared<'_>,
+    plan: &Plan,
+    shares: &[(Vec<usize>, Vec<Pair>)],
+    posteriors: &[Posterior],
+    uses: &[u32],
+    rng: &mut StdRng,
+    t: &mut Timings,
+) -> anyhow::Result<Vec<Vec<(usize, usize)>>> {
+    let scale = plan.scale_out;
+    let independent = posteriors.len() > 1;
+    let data = prep.data;
+    // Difference vectors of this round's picks so far: in flight for the next instance (shared).
+    let mut in_flight: Vec<Vec<f64>> = Vec::new();
+    let mut chosen: Vec<Vec<(usize, usize)>> = vec![Vec::new(); shares.len()];
+    for (i, (rows, pairs)) in shares.iter().enumerate() {
+        let k = if scale.single() {
+            plan.protocol.k
+        } else {
+            scale.batch_share(plan.protocol.k, i)
+        };
+        // Like the daemon, an instance with fewer than two pooled responses or no candidate sends
+        // nothing.
+        if k == 0 || rows.len() < 2 || pairs.is_empty() {
+            continue;
+        }
+        let start = Instant::now();
+        let pool = Mat::from_fn(data.dim(), rows.len(), |r, j| prep.x[(r, rows[j])]);
+        let prompts: Vec<u64> = rows.iter().map(|&r| data.prompt()[r]).collect();
+        let targets = candidates::within_prompt(&prompts);
+        let left = uses_left(plan.protocol.max_uses, rows, uses);
+        t.candidates += start.elapsed();
+
+        let start = Instant::now();
+        let input = SelectionInput {
+            posterior: &posteriors[if independent { i } else { 0 }],
+            embeddings: pool.as_ref(),
+            candidates: pairs,
+            in_flight: if independent { &[] } else { &in_flight },
+            k,
+            targets: &targets,
+            uses_left: &left,
+        };
+        let picks = selection::select(kind, input, &plan.params, &mut *rng).with_context(|| {
+            if scale.single() {
+                format!("strategy {kind}")
+            } else {
+                format!("strategy {kind}, instance {i}")
+            }
+        })?;
+        t.select += start.elapsed();
+        drop(pool);
+
+        chosen[i] = picks
+            .iter()
+            .map(|p| (rows[p.pair.a as usize], rows[p.pair.b as usize]))
+            .collect();
+        if !independent && !scale.single() {
+            in_flight.extend(chosen[i].iter().map(|&(a, b)| prep.difference(a, b)));
+        }
+    }
+    Ok(chosen)
+}
+
+/// Uses left per row of `rows` (the selection input's `uses_left`; empty when uses are unlimited).
+fn uses_left(max_uses: u32, rows: &[usize], uses: &[u32]) -> Vec<u32> {
+    if max_uses == 0 {
+        return Vec::new();
+    }
+    rows.iter()
+        .map(|&r| max_uses.saturating_sub(uses[r]))
+        .collect()
+}
+
+/// Mean per-prompt 1 − Spearman of a posterior mean on the test prompts.
+fn one_minus_spearman(prep: &Prepared<'_>, posterior: &Posterior) -> anyhow::Result<f64> {
+    let pred = scoring::rewards(posterior.theta(), prep.test_x.as_ref());
+    let rho = evaluation::mean_prompt_spearman(&pred, &prep.test_golden, &prep.test_prompt)
+        .context("evaluating Spearman on test prompts")?;
+    // No defined Spearman anywhere means a constant prediction (θ = 0 before any label): no ranking
+    // information, ρ = 0.
+    Ok(1.0 - rho.mean.unwrap_or(0.0))
+}
+
+/// Held-out metrics of the reported model (`posteriors[0]`), appended as points; with one instance the
+/// label count is the model's own, in scale-out runs `paid` (every instance's labels). Scale-out runs add
+/// the labels of the reported model and, with independent learners, every instance model's labels and
+/// 1 − Spearman and their mean.
+#[allow(clippy::too_many_arguments)]
 fn evaluate(
     kind: StrategyKind,
     prep: &Prepared<'_>,
-    posterior: &Posterior,
+    plan: &Plan,
+    posteriors: &[Posterior],
     round: usize,
+    paid: usize,
     points: &mut Vec<Point>,
     t: &mut Timings,
 ) -> anyhow::Result<()> {
     let start = Instant::now();
-    let labels = posterior.label_count();
-    let pred = scoring::rewards(posterior.theta(), prep.test_x.as_ref());
+    let posterior = &posteriors[0];
+    let labels = if plan.scale_out.single() {
+        posterior.label_count()
+    } else {
+        paid
+    };
     let mut push = |metric: Metric, value: f64| {
         points.push(Point {
             strategy: kind,
@@ -403,11 +574,11 @@ fn evaluate(
             value,
         })
     };
-    let rho = evaluation::mean_prompt_spearman(&pred, &prep.test_golden, &prep.test_prompt)
-        .context("evaluating Spearman on test prompts")?;
-    // No defined Spearman anywhere means a constant prediction (θ = 0 before any label): no ranking
-    // information, ρ = 0.
-    push(Metric::OneMinusSpearman, 1.0 - rho.mean.unwrap_or(0.0));
+    push(
+        Metric::OneMinusSpearman,
+        one_minus_spearman(prep, posterior)?,
+    );
+    let pred = scoring::rewards(posterior.theta(), prep.test_x.as_ref());
     let bon = evaluation::expected_best_of_n_many(
         &pred,
         &prep.test_golden,
@@ -429,6 +600,22 @@ fn evaluate(
     }
     if let Some(v) = pq.accuracy() {
         push(Metric::PrequentialAccuracy, v);
+    }
+    if !plan.scale_out.single() {
+        push(Metric::ModelLabels, posterior.label_count() as f64);
+        if posteriors.len() > 1 {
+            let mut sum = 0.0;
+            for (i, p) in posteriors.iter().enumerate() {
+                push(Metric::InstanceLabels(i), p.label_count() as f64);
+                let v = one_minus_spearman(prep, p)?;
+                push(Metric::InstanceOneMinusSpearman(i), v);
+                sum += v;
+            }
+            push(
+                Metric::InstanceMeanOneMinusSpearman,
+                sum / posteriors.len() as f64,
+            );
+        }
     }
     t.evaluate += start.elapsed();
     Ok(())
@@ -464,5 +651,96 @@ mod tests {
         assert_ne!(x, stream(1, STREAM_ROUND, 2).random::<u64>());
         assert_ne!(x, stream(1, STREAM_STRATEGY, 1).random::<u64>());
         assert_ne!(x, stream(2, STREAM_ROUND, 1).random::<u64>());
+    }
+
+    /// With shared learners each instance's selection conditions on the pairs the instances before it
+    /// picked this round; independent learners do not see each other's picks. Every prompt here has the
+    /// same four response embeddings, so every instance's share of the pool offers the same difference
+    /// vectors: unconditioned, identical posteriors pick the same direction three times.
+    #[test]
+    fn shared_instances_condition_on_each_others_picks_and_independent_ones_do_not() {
+        use crate::simulate::SimulateConfig;
+        let base = [
+            [1.0f32, 0.2, -0.5],
+            [0.1, -1.0, 0.7],
+            [-0.8, 0.4, 0.3],
+            [0.5, 0.9, -1.2],
+        ];
+        let (mut emb, mut reward, mut prompt) = (Vec::new(), Vec::new(), Vec::new());
+        for p in 0..60u64 {
+            for e in &base {
+                emb.extend_from_slice(e);
+                reward.push(f64::from(e[0] - 0.5 * e[1] + 0.25 * e[2]));
+                prompt.push(p);
+            }
+        }
+        let data = Dataset::new(
+            "same",
+            std::path::Path::new("in-memory"),
+            3,
+            emb,
+            reward,
+            prompt,
+            false,
+        )
+        .unwrap();
+        let mut cfg = SimulateConfig::default();
+        cfg.protocol.k = 3;
+        cfg.protocol.prompts_per_round = 48;
+        cfg.protocol.max_uses = 0;
+        cfg.scale_out.instances = 3;
+        let plan = cfg.plan().unwrap();
+        let prep = Prepared::new(&data, &plan, 0).unwrap();
+        let shares = prep.draw_shares(&plan, 1, 3);
+        // The shares are disjoint, each prompt on the instance its hash names, and none is empty.
+        for (i, (rows, pairs)) in shares.iter().enumerate() {
+            assert!(!pairs.is_empty(), "instance {i} has no candidates");
+            assert!(rows.iter().all(|&r| instance_of(data.prompt()[r], 3) == i));
+        }
+        // A weak prior (variances in the thousands): a direction in flight is then far less uncertain than
+        // any other, and greedy D-optimality must turn to another.
+        let lambda = 1e-3;
+        // Unit difference direction of a pick, with a fixed sign.
+        let direction = |&(a, b): &(usize, usize)| -> Vec<i64> {
+            let v = prep.difference(a, b);
+            let norm = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+            let sign = if v.iter().find(|x| x.abs() > 1e-9).copied().unwrap_or(0.0) < 0.0 {
+                -1.0
+            } else {
+                1.0
+            };
+            v.iter()
+                .map(|x| (sign * x / norm * 1e6).round() as i64)
+                .collect()
+        };
+        let picks = |learners: usize| -> Vec<Vec<i64>> {
+            let posteriors: Vec<Posterior> = (0..learners)
+                .map(|_| Posterior::new(3, lambda).unwrap())
+                .collect();
+            let mut rng = stream(0, STREAM_STRATEGY, 1);
+            let chosen = pick_round(
+                StrategyKind::GreedyDopt,
+                &prep,
+                &plan,
+                &shares,
+                &posteriors,
+                &vec![0; data.len()],
+                &mut rng,
+                &mut Timings::default(),
+            )
+            .unwrap();
+            assert!(chosen.iter().all(|c| c.len() == 1), "{chosen:?}");
+            chosen.iter().map(|c| direction(&c[0])).collect()
+        };
+        let shared = picks(1);
+        assert!(
+            shared[0] != shared[1] && shared[1] != shared[2] && shared[0] != shared[2],
+            "shared instances picked a direction twice: {shared:?}"
+        );
+        let independent = picks(3);
+        assert!(
+            independent.iter().all(|d| *d == independent[0]),
+            "independent learners with one posterior state should pick alike: {independent:?}"
+        );
     }
 }

@@ -5,7 +5,10 @@
 //! file is byte-identical for identical runs. Metrics:
 //! `one_minus_spearman` (1 − mean per-prompt Spearman on test prompts), `best_of_<N>` (expected golden
 //! reward of the predicted best of N random responses, test prompts), `prequential_log_loss` and
-//! `prequential_accuracy` (each training label predicted before it was applied).
+//! `prequential_accuracy` (each training label predicted before it was applied). Scale-out runs
+//! (`scale_out.instances` > 1) add `model_labels` (labels applied to the reported model) and, with
+//! independent learners, `instance_<i>_labels`, `instance_<i>_one_minus_spearman` per instance model and
+//! `instance_mean_one_minus_spearman`; `labels` is then what the whole deployment paid for.
 
 use std::collections::BTreeMap;
 use std::fmt::{self, Write as _};
@@ -21,6 +24,15 @@ pub enum Metric {
     PrequentialAccuracy,
     /// The isotropic prior precision λ₀ in force (chosen by the evidence with `auto`).
     PriorPrecision,
+    /// Scale-out: labels applied to the reported model (all of them with shared learners; instance 0's
+    /// own plus the seed labels with independent ones).
+    ModelLabels,
+    /// Scale-out, independent learners: labels applied to instance i's model.
+    InstanceLabels(usize),
+    /// Scale-out, independent learners: 1 − Spearman of instance i's model.
+    InstanceOneMinusSpearman(usize),
+    /// Scale-out, independent learners: 1 − Spearman averaged over the instance models.
+    InstanceMeanOneMinusSpearman,
 }
 
 impl fmt::Display for Metric {
@@ -31,6 +43,10 @@ impl fmt::Display for Metric {
             Metric::PrequentialLogLoss => f.write_str("prequential_log_loss"),
             Metric::PrequentialAccuracy => f.write_str("prequential_accuracy"),
             Metric::PriorPrecision => f.write_str("prior_precision"),
+            Metric::ModelLabels => f.write_str("model_labels"),
+            Metric::InstanceLabels(i) => write!(f, "instance_{i}_labels"),
+            Metric::InstanceOneMinusSpearman(i) => write!(f, "instance_{i}_one_minus_spearman"),
+            Metric::InstanceMeanOneMinusSpearman => f.write_str("instance_mean_one_minus_spearman"),
         }
     }
 }
@@ -44,6 +60,14 @@ impl Metric {
             Metric::PrequentialLogLoss => "prequential log-loss".into(),
             Metric::PrequentialAccuracy => "prequential accuracy".into(),
             Metric::PriorPrecision => "prior precision λ₀".into(),
+            Metric::ModelLabels => "labels applied to the reported model".into(),
+            Metric::InstanceLabels(i) => format!("labels applied to instance {i}'s model"),
+            Metric::InstanceOneMinusSpearman(i) => {
+                format!("1 − Spearman of instance {i}'s model (lower is better)")
+            }
+            Metric::InstanceMeanOneMinusSpearman => {
+                "1 − Spearman, mean over instance models (lower is better)".into()
+            }
         }
     }
 }
@@ -54,7 +78,8 @@ pub struct Point {
     pub strategy: StrategyKind,
     pub seed: u64,
     pub round: usize,
-    /// Labels applied so far (seed labels included).
+    /// Labels paid for so far (seed labels included): the labels applied to the model, or, with
+    /// independent scale-out learners, every instance's labels (seed labels counted once).
     pub labels: usize,
     pub metric: Metric,
     pub value: f64,
