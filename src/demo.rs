@@ -43,8 +43,10 @@ use serde::Deserialize;
 
 use crate::daemon::config::Config;
 use crate::daemon::messages::{encode_f32_b64, LabelRequest, ModelSnapshot};
+use crate::selection::StrategyKind;
 use crate::simulate::config::SyntheticConfig;
-use crate::simulate::Dataset;
+use crate::simulate::plot::{Chart, Series, SeriesLabelPosition};
+use crate::simulate::{Dataset, MeanSd};
 
 mod live;
 
@@ -518,8 +520,7 @@ pub fn run(cfg: &DemoConfig, progress: bool) -> Result<DemoReport> {
         "embedded Kafka (librdkafka mock cluster) at {brokers}"
     ));
 
-    let out_dir = cfg.run.out_dir.clone();
-    let state = fresh_state(&out_dir)?;
+    let state = fresh_state(&cfg.run.out_dir)?;
     let rt = runtime()?;
 
     let golden = Arc::new(golden);
@@ -658,20 +659,7 @@ pub fn run(cfg: &DemoConfig, progress: bool) -> Result<DemoReport> {
 
     let wall = started.elapsed();
     let summary = summary_table(&runs, wall, timed_out);
-    std::fs::write(out_dir.join("summary.txt"), &summary)
-        .with_context(|| format!("cannot write {}", out_dir.join("summary.txt").display()))?;
-    write_csv(&out_dir.join("curves.csv"), &runs)?;
-    let svg = out_dir.join("spearman.svg");
-    write_svg(&svg, &runs, cfg)?;
-    Ok(DemoReport {
-        runs,
-        summary,
-        svg,
-        out_dir,
-        metrics_url,
-        wall,
-        timed_out,
-    })
+    write_outputs(cfg, runs, summary, metrics_url, wall, timed_out)
 }
 
 struct Streamed {
@@ -1005,59 +993,65 @@ fn write_csv(path: &Path, runs: &[RunResult]) -> Result<()> {
     std::fs::write(path, s).with_context(|| format!("cannot write {}", path.display()))
 }
 
-fn write_svg(path: &Path, runs: &[RunResult], cfg: &DemoConfig) -> Result<()> {
-    use plotters::prelude::*;
-    let err = |e: DrawingAreaErrorKind<_>| anyhow!("drawing {}: {e:?}", path.display());
-    let root = SVGBackend::new(path, (800, 500)).into_drawing_area();
-    root.fill(&WHITE).map_err(err)?;
-    let x1 = runs
-        .iter()
-        .flat_map(|r| r.curve.iter().map(|p| p.0))
-        .max()
-        .unwrap_or(1)
-        .max(1) as f64;
-    let ys = runs.iter().flat_map(|r| r.curve.iter().map(|p| p.1));
-    let (y0, y1) = ys.fold((0.0f64, 0.0f64), |(lo, hi), y| (lo.min(y), hi.max(y)));
-    let (y0, y1) = ((y0 - 0.05).max(-1.0), (y1 + 0.05).min(1.0).max(y0 + 0.1));
-    let title = format!(
-        "held-out Spearman vs labels (d={}, β={})",
-        cfg.data.dim, cfg.annotator.beta
-    );
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 20))
-        .margin(15)
-        .x_label_area_size(40)
-        .y_label_area_size(55)
-        .build_cartesian_2d(0.0..x1, y0..y1)
-        .map_err(err)?;
-    chart
-        .configure_mesh()
-        .x_desc("labels applied")
-        .y_desc("mean per-prompt Spearman")
-        .draw()
-        .map_err(err)?;
-    let colours = [RGBColor(214, 39, 40), RGBColor(127, 127, 127)];
-    for (r, colour) in runs.iter().zip(colours) {
-        chart
-            .draw_series(LineSeries::new(
-                r.curve.iter().map(|&(l, rho)| (l as f64, rho)),
-                colour.stroke_width(2),
-            ))
-            .map_err(err)?
-            .label(format!("{} ({})", r.name, r.strategy))
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2))
-            });
+/// The held-out Spearman curves, one line per run in its strategy's colour (as in `armd simulate`'s plots).
+fn spearman_chart(runs: &[RunResult], cfg: &DemoConfig) -> Chart {
+    let first = runs.first().map(|r| r.strategy.clone());
+    let series = runs.iter().enumerate().map(|(i, r)| {
+        let points = r.curve.iter().map(|&(labels, rho)| {
+            let y = MeanSd {
+                mean: rho,
+                sd: 0.0,
+                n: 1,
+            };
+            (labels as f64, y)
+        });
+        // Names were validated with the configuration; an unknown one only loses its colour.
+        let strategy = r.strategy.parse().unwrap_or(StrategyKind::Random);
+        let label = format!("{} ({})", r.name, r.strategy);
+        let mut line = Series::strategy(strategy, label, points.collect());
+        // `--strategy random` runs random twice: the twin is drawn black so the two lines differ.
+        if i > 0 && first.as_deref() == Some(r.strategy.as_str()) {
+            line.colour = plotters::style::RGBColor(0, 0, 0);
+        }
+        line
+    });
+    Chart {
+        title: format!(
+            "held-out Spearman vs labels (d={}, β={})",
+            cfg.data.dim, cfg.annotator.beta
+        ),
+        x_desc: "labels applied".into(),
+        y_desc: "mean per-prompt Spearman".into(),
+        legend: SeriesLabelPosition::LowerRight,
+        series: series.collect(),
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()
-        .map_err(err)?;
-    root.present().map_err(err)?;
-    Ok(())
+}
+
+/// Writes `summary.txt`, `curves.csv` and `spearman.svg` to `cfg.run.out_dir` (simulated and live mode)
+/// and returns the report.
+fn write_outputs(
+    cfg: &DemoConfig,
+    runs: Vec<RunResult>,
+    summary: String,
+    metrics_url: String,
+    wall: Duration,
+    timed_out: bool,
+) -> Result<DemoReport> {
+    let out_dir = cfg.run.out_dir.clone();
+    let text = out_dir.join("summary.txt");
+    std::fs::write(&text, &summary).with_context(|| format!("cannot write {}", text.display()))?;
+    write_csv(&out_dir.join("curves.csv"), &runs)?;
+    let svg = out_dir.join("spearman.svg");
+    spearman_chart(&runs, cfg).write_svg(&svg, (800, 500))?;
+    Ok(DemoReport {
+        runs,
+        summary,
+        svg,
+        out_dir,
+        metrics_url,
+        wall,
+        timed_out,
+    })
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -1,5 +1,8 @@
-//! Typed errors of the numeric core. Each variant carries what the caller needs to report the problem
-//! (which input, which index, which value) and never panics on user data.
+//! Typed errors of the numeric core ([`CoreError`]) and of configuration files ([`ConfigError`], shared by
+//! `armd run`'s daemon configuration and `armd simulate`'s). Each carries what the caller needs to report
+//! the problem (which input or key, which index, which value) and never panics on user data.
+
+use std::fmt;
 
 use thiserror::Error;
 
@@ -76,3 +79,69 @@ pub fn check_dim(what: &'static str, expected: usize, got: usize) -> Result<(), 
         })
     }
 }
+
+/// A configuration value that is out of range, of the wrong kind, or unknown. `key` is the dotted TOML
+/// path (`protocol.k`, `strategies[2]`, `kafka.topics.labels`); fix that key in the file or the flag or
+/// environment variable that overrides it. `value`, when set, is the offending value as it is shown.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigError {
+    pub key: String,
+    pub value: Option<String>,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(key: impl Into<String>, message: impl fmt::Display) -> Self {
+        Self {
+            key: key.into(),
+            value: None,
+            message: message.to_string(),
+        }
+    }
+
+    /// The same error, showing the offending value.
+    pub fn with_value(mut self, value: impl fmt::Display) -> Self {
+        self.value = Some(value.to_string());
+        self
+    }
+
+    /// `` `key` = value: message `` (the value part only when set).
+    fn fmt_entry(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "`{}`", self.key)?;
+        if let Some(v) = &self.value {
+            write!(f, " = {v}")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("config key ")?;
+        self.fmt_entry(f)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Every invalid value of one configuration, so a single run reports all bad keys at once.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0.len();
+        write!(
+            f,
+            "{n} invalid configuration value{}:",
+            if n == 1 { "" } else { "s" }
+        )?;
+        for e in &self.0 {
+            f.write_str("\n  ")?;
+            e.fmt_entry(f)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}

@@ -12,10 +12,11 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use serde::Deserialize;
 
 use crate::candidates::CandidateMode;
+use crate::error::{ConfigError, ConfigErrors};
 use crate::features::Scaling;
 use crate::posterior::PriorSetting;
 use crate::selection::{SelectionParams, StrategyKind};
@@ -384,29 +385,39 @@ pub struct LogConfig {
     pub level: String,
 }
 
-/// Collects every validation failure so one run of `armd run` reports all bad keys at once.
+/// Collects every validation failure (a [`ConfigError`] naming its key) so one run of `armd run` reports
+/// all bad keys at once.
 #[derive(Default)]
-struct Problems(Vec<String>);
+struct Problems(Vec<ConfigError>);
 
 impl Problems {
-    /// Every problem at once, or nothing.
-    fn into_result(self) -> Result<()> {
-        if self.0.is_empty() {
-            return Ok(());
-        }
-        bail!(
-            "{} invalid configuration value{}:\n  {}",
-            self.0.len(),
-            if self.0.len() == 1 { "" } else { "s" },
-            self.0.join("\n  ")
-        )
-    }
     fn bad(&mut self, key: &str, got: impl std::fmt::Display, reason: &str) {
-        self.0.push(format!("`{key}` = {got}: {reason}"));
+        self.0.push(ConfigError::new(key, reason).with_value(got));
     }
     fn check(&mut self, ok: bool, key: &str, got: impl std::fmt::Display, reason: &str) {
         if !ok {
             self.bad(key, got, reason);
+        }
+    }
+    /// Keeps a section's problems with the others; its value when it has none.
+    fn take<T>(&mut self, section: Result<T, ConfigErrors>) -> Option<T> {
+        match section {
+            Ok(value) => Some(value),
+            Err(ConfigErrors(problems)) => {
+                self.0.extend(problems);
+                None
+            }
+        }
+    }
+    /// The validated value, or every problem at once. A value is missing only when a problem explains it.
+    fn finish<T>(self, value: Option<T>) -> Result<T, ConfigErrors> {
+        match value {
+            Some(value) if self.0.is_empty() => Ok(value),
+            _ if self.0.is_empty() => Err(ConfigErrors(vec![ConfigError::new(
+                "(internal)",
+                "validated value missing",
+            )])),
+            _ => Err(ConfigErrors(self.0)),
         }
     }
 }
@@ -448,45 +459,59 @@ impl Config {
             .build()
             .map_err(|e| anyhow!("{e}"))?;
         let raw: RawConfig = settings.try_deserialize().map_err(|e| anyhow!("{e}"))?;
-        Self::validate(raw)
+        Ok(Self::validate(raw)?)
     }
 
-    fn validate(raw: RawConfig) -> Result<Self> {
+    fn validate(raw: RawConfig) -> Result<Self, ConfigErrors> {
         let mut p = Problems::default();
         // Cross-section rules read these before the sections are consumed.
         let (dim, min_pool) = (raw.model.dim, raw.selection.min_pool);
-        let daemon = raw.daemon.validate(&mut p);
-        let kafka = raw.kafka.validate(&mut p);
-        let model = raw.model.validate(&mut p);
-        let selection = raw.selection.validate(&mut p);
-        let pool = raw.pool.validate(&mut p, dim, min_pool);
-        let checkpoint = raw.checkpoint.validate(&mut p);
-        let export = raw.export.validate(&mut p);
-        let http = raw.http.validate(&mut p);
-        let log = raw.log.validate(&mut p);
-        p.into_result()?;
-        // Every Option below is Some when no problem was recorded.
-        let missing = || anyhow!("internal: validated value missing");
-        Ok(Config {
-            daemon,
-            kafka,
-            model: model.ok_or_else(missing)?,
-            selection: selection.ok_or_else(missing)?,
-            pool,
-            checkpoint,
-            export,
-            http: http.ok_or_else(missing)?,
-            log: log.ok_or_else(missing)?,
-        })
+        let daemon = p.take(raw.daemon.validate());
+        let kafka = p.take(raw.kafka.validate());
+        let model = p.take(raw.model.validate());
+        let selection = p.take(raw.selection.validate());
+        let pool = p.take(raw.pool.validate(dim, min_pool));
+        let checkpoint = p.take(raw.checkpoint.validate());
+        let export = p.take(raw.export.validate());
+        let http = p.take(raw.http.validate());
+        let log = p.take(raw.log.validate());
+        let config = match (
+            daemon, kafka, model, selection, pool, checkpoint, export, http, log,
+        ) {
+            (
+                Some(daemon),
+                Some(kafka),
+                Some(model),
+                Some(selection),
+                Some(pool),
+                Some(checkpoint),
+                Some(export),
+                Some(http),
+                Some(log),
+            ) => Some(Config {
+                daemon,
+                kafka,
+                model,
+                selection,
+                pool,
+                checkpoint,
+                export,
+                http,
+                log,
+            }),
+            _ => None,
+        };
+        p.finish(config)
     }
 }
 
 // ------------------------------------------------------------------------------------------------
-// Validation, one section at a time: each records its problems (with their keys) and returns its part
-// of the configuration (`None` when a value could not be parsed).
+// Validation, one section at a time: each returns its part of the configuration, or every problem it
+// found (each naming its key).
 
 impl RawDaemon {
-    fn validate(self, p: &mut Problems) -> DaemonConfig {
+    fn validate(self) -> Result<DaemonConfig, ConfigErrors> {
+        let mut p = Problems::default();
         let d = &self;
         p.check(
             !d.instance_id.is_empty()
@@ -505,15 +530,16 @@ impl RawDaemon {
         "must be 1-86400 (seconds without a loop iteration before a worker thread counts as stalled)",
     );
 
-        DaemonConfig {
+        p.finish(Some(DaemonConfig {
             liveness_timeout: Duration::from_secs(self.liveness_timeout_secs),
             instance_id: self.instance_id,
-        }
+        }))
     }
 }
 
 impl RawKafka {
-    fn validate(self, p: &mut Problems) -> KafkaConfig {
+    fn validate(self) -> Result<KafkaConfig, ConfigErrors> {
+        let mut p = Problems::default();
         let k = &self;
         p.check(
             !k.brokers.trim().is_empty(),
@@ -585,7 +611,7 @@ impl RawKafka {
             "must be >= 1",
         );
 
-        KafkaConfig {
+        p.finish(Some(KafkaConfig {
             brokers: self.brokers,
             group_id: self.group_id,
             topics: Topics {
@@ -598,12 +624,13 @@ impl RawKafka {
             settings: self.settings,
             stats_interval: Duration::from_millis(self.stats_interval_ms),
             startup_timeout: Duration::from_secs(self.startup_timeout_secs),
-        }
+        }))
     }
 }
 
 impl RawModel {
-    fn validate(self, p: &mut Problems) -> Option<ModelConfig> {
+    fn validate(self) -> Result<ModelConfig, ConfigErrors> {
+        let mut p = Problems::default();
         let m = &self;
         p.check(
             m.dim >= 1 && m.dim <= 65_536,
@@ -647,19 +674,20 @@ impl RawModel {
             );
         }
 
-        Some(ModelConfig {
+        p.finish(scaling.map(|scaling| ModelConfig {
             dim: m.dim,
             prior_precision: m.prior_precision,
-            scaling: scaling?,
+            scaling,
             warmup_samples: m.warmup_samples,
             refit_every: m.refit_every,
             max_labels: m.max_labels,
-        })
+        }))
     }
 }
 
 impl RawSelection {
-    fn validate(self, p: &mut Problems) -> Option<SelectionConfig> {
+    fn validate(self) -> Result<SelectionConfig, ConfigErrors> {
+        let mut p = Problems::default();
         let s = &self;
         let strategy = match s.strategy.parse::<StrategyKind>() {
             Ok(k) => Some(k),
@@ -770,28 +798,30 @@ impl RawSelection {
             }
         }
 
-        Some(SelectionConfig {
-            strategy: strategy?,
+        let both = strategy.zip(candidates);
+        p.finish(both.map(|(strategy, candidates)| SelectionConfig {
+            strategy,
             batch_size: s.batch_size,
             max_in_flight: s.max_in_flight,
             request_ttl: Duration::from_secs(s.request_ttl_secs),
             expiry_grace: Duration::from_secs(s.expiry_grace_secs),
             round_interval: Duration::from_millis(s.round_interval_ms),
             min_pool: s.min_pool,
-            candidates: candidates?,
+            candidates,
             max_cross_pairs: s.max_cross_pairs,
             max_within_pairs: s.max_within_pairs,
             labels_per_request: s.labels_per_request,
             closed_history: s.closed_history,
             seed: s.seed,
             params,
-        })
+        }))
     }
 }
 
 impl RawPool {
     /// `dim` (model.dim) and `min_pool` (selection.min_pool) bound the pool's settings.
-    fn validate(self, p: &mut Problems, dim: usize, min_pool: usize) -> PoolConfig {
+    fn validate(self, dim: usize, min_pool: usize) -> Result<PoolConfig, ConfigErrors> {
+        let mut p = Problems::default();
         let pl = &self;
         p.check(
             pl.capacity >= 2,
@@ -840,18 +870,19 @@ impl RawPool {
             "must be <= 16777216",
         );
 
-        PoolConfig {
+        p.finish(Some(PoolConfig {
             capacity: pl.capacity,
             ttl: Duration::from_secs(pl.ttl_secs),
             max_uses: pl.max_uses,
             max_message_bytes: pl.max_message_bytes,
             dead_letter_payload_bytes: pl.dead_letter_payload_bytes,
-        }
+        }))
     }
 }
 
 impl RawCheckpoint {
-    fn validate(self, p: &mut Problems) -> CheckpointConfig {
+    fn validate(self) -> Result<CheckpointConfig, ConfigErrors> {
+        let mut p = Problems::default();
         let c = &self;
         p.check(
             !c.path.as_os_str().is_empty() && c.path.file_name().is_some(),
@@ -872,16 +903,17 @@ impl RawCheckpoint {
             "must be >= 1",
         );
 
-        CheckpointConfig {
+        p.finish(Some(CheckpointConfig {
             every_labels: c.every_labels,
             every: Duration::from_secs(c.every_secs),
             path: self.path,
-        }
+        }))
     }
 }
 
 impl RawExport {
-    fn validate(self, p: &mut Problems) -> ExportConfig {
+    fn validate(self) -> Result<ExportConfig, ConfigErrors> {
+        let mut p = Problems::default();
         let e = &self;
         if e.dir.is_some() || e.publish {
             p.check(
@@ -900,16 +932,17 @@ impl RawExport {
             );
         }
 
-        ExportConfig {
+        p.finish(Some(ExportConfig {
             every_labels: e.every_labels,
             publish: e.publish,
             dir: self.dir,
-        }
+        }))
     }
 }
 
 impl RawHttp {
-    fn validate(self, p: &mut Problems) -> Option<HttpConfig> {
+    fn validate(self) -> Result<HttpConfig, ConfigErrors> {
+        let mut p = Problems::default();
         let listen = match self.listen.parse::<SocketAddr>() {
             Ok(a) => Some(a),
             Err(err) => {
@@ -922,12 +955,13 @@ impl RawHttp {
             }
         };
 
-        Some(HttpConfig { listen: listen? })
+        p.finish(listen.map(|listen| HttpConfig { listen }))
     }
 }
 
 impl RawLog {
-    fn validate(self, p: &mut Problems) -> Option<LogConfig> {
+    fn validate(self) -> Result<LogConfig, ConfigErrors> {
+        let mut p = Problems::default();
         let format = match self.format.as_str() {
             "text" => Some(LogFormat::Text),
             "json" => Some(LogFormat::Json),
@@ -948,10 +982,10 @@ impl RawLog {
             );
         }
 
-        Some(LogConfig {
-            format: format?,
+        p.finish(format.map(|format| LogConfig {
+            format,
             level: self.level,
-        })
+        }))
     }
 }
 
@@ -1195,6 +1229,23 @@ mod tests {
             "{e}"
         );
         assert!(e.starts_with("2 invalid"), "{e}");
+    }
+
+    #[test]
+    fn a_section_returns_typed_errors_naming_their_keys() {
+        let raw = RawPool {
+            capacity: 1,
+            ..RawPool::default()
+        };
+        let e = raw.validate(8, 16).unwrap_err();
+        let keys: Vec<&str> = e.0.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(keys, ["pool.capacity", "pool.capacity"]);
+        assert_eq!(e.0[0].value.as_deref(), Some("1"));
+        assert_eq!(
+            e.to_string(),
+            "2 invalid configuration values:\n  `pool.capacity` = 1: must be >= 2\n  \
+             `pool.capacity` = 1: must be >= selection.min_pool"
+        );
     }
 
     #[test]

@@ -296,8 +296,7 @@ pub fn run(cfg: &DemoConfig, live: &LiveOptions, progress: bool) -> Result<DemoR
         "embedded Kafka (librdkafka mock cluster) at {brokers}"
     ));
 
-    let out_dir = cfg.run.out_dir.clone();
-    let state = fresh_state(&out_dir)?;
+    let state = fresh_state(&cfg.run.out_dir)?;
 
     // The strategy instance only.
     let strategy = cfg.daemon.strategy.clone();
@@ -472,21 +471,7 @@ pub fn run(cfg: &DemoConfig, live: &LiveOptions, progress: bool) -> Result<DemoR
             ""
         }
     ));
-    let runs = vec![run];
-    std::fs::write(out_dir.join("summary.txt"), &summary)
-        .with_context(|| format!("cannot write {}", out_dir.join("summary.txt").display()))?;
-    write_csv(&out_dir.join("curves.csv"), &runs)?;
-    let svg = out_dir.join("spearman.svg");
-    write_svg(&svg, &runs, cfg)?;
-    Ok(DemoReport {
-        runs,
-        summary,
-        svg,
-        out_dir,
-        metrics_url,
-        wall,
-        timed_out: false,
-    })
+    write_outputs(cfg, vec![run], summary, metrics_url, wall, false)
 }
 
 #[cfg(test)]

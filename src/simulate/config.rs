@@ -17,23 +17,8 @@ use crate::features::Scaling;
 use crate::posterior::PriorSetting;
 use crate::selection::{SelectionParams, StrategyKind};
 
-/// A configuration value that is out of range, of the wrong kind, or unknown. `key` is the dotted TOML
-/// path (`protocol.k`, `strategies[2]`); fix that key in the file or the flag that overrides it.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("config key `{key}`: {message}")]
-pub struct ConfigError {
-    pub key: String,
-    pub message: String,
-}
-
-impl ConfigError {
-    fn new(key: impl Into<String>, message: impl fmt::Display) -> Self {
-        Self {
-            key: key.into(),
-            message: message.to_string(),
-        }
-    }
-}
+/// A bad key of the simulation's configuration: the same typed error as `armd run`'s configuration.
+pub use crate::error::ConfigError;
 
 /// The whole simulation: which strategies, which seeds, on what data, with which protocol.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
