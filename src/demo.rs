@@ -765,7 +765,7 @@ fn start_instance(
             let _ = rx.await;
         },
     ));
-    let models = models_consumer(brokers, &format!("{name}.models"))?;
+    let models = watch_consumer(brokers, &format!("{name}.models"), 1)?;
     Ok(Instance {
         name,
         strategy,
@@ -842,7 +842,8 @@ fn send(p: &BaseProducer, topic: &str, key: &str, payload: &str) {
     }
 }
 
-fn models_consumer(brokers: &str, topic: &str) -> Result<BaseConsumer> {
+/// A consumer that watches partitions `0..partitions` of `topic` from the beginning (models, labels).
+fn watch_consumer(brokers: &str, topic: &str, partitions: i32) -> Result<BaseConsumer> {
     let c: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", format!("demo-watch-{topic}"))
@@ -851,7 +852,9 @@ fn models_consumer(brokers: &str, topic: &str) -> Result<BaseConsumer> {
         .create()
         .map_err(|e| anyhow!("cannot create a consumer: {e}"))?;
     let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, 0, Offset::Beginning)?;
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+    }
     c.assign(&tpl)?;
     Ok(c)
 }

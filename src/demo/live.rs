@@ -209,18 +209,7 @@ struct LabelCounter {
 
 impl LabelCounter {
     fn new(brokers: &str, topic: &str, partitions: i32) -> Result<Self> {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", brokers)
-            .set("group.id", format!("demo-watch-{topic}"))
-            .set("enable.auto.commit", "false")
-            .set("fetch.wait.max.ms", "10")
-            .create()
-            .map_err(|e| anyhow!("cannot create a consumer: {e}"))?;
-        let mut tpl = TopicPartitionList::new();
-        for p in 0..partitions {
-            tpl.add_partition_offset(topic, p, Offset::Beginning)?;
-        }
-        consumer.assign(&tpl)?;
+        let consumer = watch_consumer(brokers, topic, partitions)?;
         Ok(Self { consumer, count: 0 })
     }
 
